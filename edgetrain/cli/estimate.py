@@ -1,0 +1,103 @@
+"""`edgetrain estimate`: predicted (and optionally measured) peak training memory, by category."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgetrain.cli.common import Verb, add_json, mib, print_json, table
+from edgetrain.devices.profile import parse_size
+from edgetrain.errors import BudgetError, ConfigError
+
+
+def add_model_args(p: argparse.ArgumentParser, batch: int = 64, size: int = 224) -> None:
+    """--model, -b, -s, --num-classes, --optimizer: the step everything else reasons about."""
+    p.add_argument("--model", "-m", default="resnet18", help="model name (see `edgetrain models`)")
+    p.add_argument("--batch-size", "-b", type=int, default=batch, help="batch size")
+    p.add_argument("--input-size", "-s", type=int, default=size, help="input height and width in pixels")
+    p.add_argument("--channels", type=int, default=3, help="input channels")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the head")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+
+
+class Estimate(Verb):
+    name = "estimate"
+    help = "predict a training step's peak memory by category (nothing allocated)"
+    examples = (
+        "edgetrain estimate --model resnet18 -b 64 -s 224",
+        "edgetrain estimate -m mobilenet_v2 -b 32 -s 128 --device jetson-nano --json",
+        "edgetrain estimate -m resnet18 -b 32 -s 64 --method checkpoint --measure",
+        "edgetrain estimate -m resnet18 -b 64 -s 224 --measure --budget device --device gtx750-1gb",
+        "edgetrain estimate -m vgg11_bn -b 16 -s 128 --plot mem.png",
+    )
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        add_model_args(p)
+        p.add_argument("--device", "-d", help="device profile name (see `edgetrain devices`) or YAML path")
+        p.add_argument("--method", action="append", default=[], metavar="SPEC",
+                       help="force a method on every eligible layer: name[:key=value,...] (repeatable)")  # fmt: skip
+        p.add_argument("--measure", action="store_true", help="also run one real step (fresh process) and report it")
+        p.add_argument("--budget", help="with --measure: run under the budget guard (a size like 700MiB, or 'device')")
+        p.add_argument("--plot", metavar="PNG", help="write the memory timeline plot")
+        add_json(p)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from edgetrain.memory.predict import estimate
+        from edgetrain.models import create_model
+
+        model = create_model(args.model, args.num_classes)
+        shape = (args.channels, args.input_size, args.input_size)
+        est = estimate(
+            model, shape, args.batch_size, args.optimizer, args.device, args.method, args.num_classes, args.model
+        )
+        if args.measure:
+            est.measured = _measure(args, shape, est)
+        if args.plot:
+            from edgetrain.memory.plot import plot_timeline
+
+            title = f"{args.model} b{args.batch_size} {args.input_size}px {'+'.join(est.methods) or 'plain'}"
+            plot_timeline(est.report, args.plot, title, est.budget_bytes)
+        if args.json:
+            print_json(est.to_dict())
+        else:
+            _print(est)
+        return 0
+
+
+def _measure(args: argparse.Namespace, shape: tuple[int, int, int], est) -> dict:
+    from edgetrain.memory.probe import measure_in_subprocess
+
+    budget = None
+    if args.budget:
+        if args.budget == "device":
+            if est.budget_bytes is None:
+                raise ConfigError("--budget device needs --device NAME")
+            budget = est.budget_bytes
+        else:
+            budget = parse_size(args.budget, "--budget", "budget")
+        if budget <= est.predicted["peak_by_category"]["parameters"]:
+            raise BudgetError(f"budget {mib(budget)} is below the parameters' own size: give a larger --budget")
+    req = {"model": args.model, "num_classes": args.num_classes, "input_shape": list(shape),
+           "batch_size": args.batch_size, "optimizer": args.optimizer, "methods": args.method, "budget": budget}  # fmt: skip
+    m = measure_in_subprocess(req)
+    m["peak_process_bytes"] = m["peak_rss_bytes"]
+    return m
+
+
+def _print(est) -> None:
+    p = est.predicted
+    rows = [[c, mib(v)] for c, v in p["peak_by_category"].items()]
+    rows += [["peak (tensors)", mib(p["peak_total_bytes"])], ["peak (device, allocator model)", mib(p["peak_device_bytes"])],
+             ["peak (process)", mib(p["peak_process_bytes"])], ["saved activations", mib(p["saved_activation_bytes"])]]  # fmt: skip
+    if est.measured:
+        m = est.measured
+        for row, key in zip(
+            rows[-4:], ("peak_total_bytes", None, "peak_process_bytes", "saved_activation_bytes"), strict=True
+        ):
+            row.append(mib(m[key]) if key else "-")
+    cols = ["category", "predicted MiB"] + (["measured MiB"] if est.measured else [])
+    what = f"{est.model} b{est.batch_size} {est.input_shape[1]}px {est.optimizer} {'+'.join(est.methods) or 'plain'}"
+    table(f"{what}: peak at {p['peak_phase']} ({p['peak_op']})", cols, rows)
+    if est.budget_bytes is not None:
+        verdict = "fits" if est.fits else "does NOT fit"
+        print(f"{est.device}: budget {mib(est.budget_bytes)}, {verdict}", file=sys.stdout)

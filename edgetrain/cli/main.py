@@ -1,0 +1,53 @@
+"""`edgetrain`: the command line. Each verb is a small class in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgetrain.cli.common import Verb
+from edgetrain.cli.devices import Devices
+from edgetrain.cli.estimate import Estimate
+from edgetrain.cli.methods import Methods
+from edgetrain.cli.models import Models
+from edgetrain.cli.profile import Profile
+from edgetrain.errors import EdgetrainError
+
+VERBS: list[Verb] = [Devices(), Profile(), Models(), Methods(), Estimate()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgetrain", description="Fit CNN training into small GPUs and Jetson boards."
+    )
+    parser.add_argument(
+        "--profiles", metavar="DIR", action="append", default=[], help="also read device profiles from DIR"
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb in VERBS:
+        p = sub.add_parser(verb.name, help=verb.help, description=verb.help, epilog=verb.epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        verb.add_arguments(p)
+        p.set_defaults(_verb=verb)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one clear line and a non-zero exit for any user error."""
+    args = build_parser().parse_args(argv)
+    from edgetrain.devices.store import add_profile_dir
+
+    for d in args.profiles:
+        add_profile_dir(d)
+    try:
+        return args._verb.run(args)
+    except EdgetrainError as e:
+        print(f"edgetrain {args.verb}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"edgetrain {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""`profile_device`: detect this machine and measure what the memory model and planner need.
+
+Probes: the memory a training process can really allocate (chunk by chunk, never past what
+is available, everything released), the framework's fixed cost (RSS after importing torch,
+in a fresh process), the runtime workspace beyond the tensors (a small real training step in a
+fresh process), matmul and conv throughput, and memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from edgetrain.devices.detect import Detected, detect
+from edgetrain.devices.profile import DeviceProfile
+
+MiB = 2**20
+SAFETY = 0.9  # fraction of the probed memory a plan may use
+
+
+def probe_usable_bytes(available: int, device: str = "cpu", cap: int | None = None, chunk: int = 256 * MiB) -> int:
+    """Allocate and touch chunks until `available` (or `cap`) is reached or allocation fails."""
+    limit = min(int(available * 0.95), cap or available)
+    held, total = [], 0
+    try:
+        while total + chunk <= limit:
+            t = torch.empty(chunk // 4, dtype=torch.float32, device=device)
+            t.fill_(1.0)  # touch the pages: untouched memory is not really had
+            held.append(t)
+            total += chunk
+    except (RuntimeError, MemoryError):
+        pass
+    finally:
+        del held
+        if device != "cpu":
+            torch.cuda.empty_cache()
+    return total
+
+
+def matmul_gflops(device: str = "cpu", n: int = 1024, repeat: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Median GFLOP/s of an n x n matmul."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / _median_time(lambda: a @ b, device, repeat) / 1e9
+
+
+def conv_gflops(device: str = "cpu", repeat: int = 5) -> float:
+    """Median GFLOP/s of a 3x3, 64->64 channel convolution on (16, 64, 56, 56)."""
+    x = torch.randn(16, 64, 56, 56, device=device)  # (N, C, H, W)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).to(device)
+    flops = 2 * 16 * 64 * 64 * 9 * 56 * 56
+    with torch.no_grad():
+        return flops / _median_time(lambda: conv(x), device, repeat) / 1e9
+
+
+def bandwidth_gbs(device: str = "cpu", nbytes: int = 256 * MiB, repeat: int = 5) -> float:
+    """Median copy bandwidth (read + write) in GB/s."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _median_time(lambda: dst.copy_(src), device, repeat) / 1e9
+
+
+def _median_time(fn, device: str, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+_OVERHEAD_SCRIPT = r"""
+import json, resource, psutil
+from edgetrain.memory.allocator import pin_malloc_policy
+pin_malloc_policy()
+import torch, torchvision
+framework = psutil.Process().memory_info().rss
+from edgetrain.memory.measure import StepSpec, tracked_step
+from edgetrain.models import create_model
+model = create_model("cifar_resnet8")
+base = psutil.Process().memory_info().rss
+report = tracked_step(model, StepSpec((3, 64, 64), 64, 10), fake=False, inplace=True)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"framework": framework, "workspace": max(0, peak - base - report.peak_bytes)}))
+"""
+
+
+def measure_overheads() -> dict[str, int]:
+    """Framework RSS and runtime workspace, measured in a fresh process (so nothing else counts)."""
+    out = subprocess.run([sys.executable, "-c", _OVERHEAD_SCRIPT], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"overhead probe failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cached_overheads() -> dict[str, int]:
+    """`measure_overheads`, cached per Python and torch version in the user's cache directory."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgetrain"
+    key = hashlib.sha1(f"{sys.executable}|{torch.__version__}".encode()).hexdigest()[:12]
+    path = base / f"overheads-{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    over = measure_overheads()
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(over))
+    os.replace(tmp, path)
+    return over
+
+
+def profile_device(name: str | None = None, quick: bool = False, detected: Detected | None = None) -> DeviceProfile:
+    """Detect and calibrate this machine into a `calibrated` DeviceProfile."""
+    det = detected or detect()
+    dev = "cuda" if det.kind == "cuda" else "cpu"
+    cap = 1024 * MiB if quick else None
+    probed = probe_usable_bytes(det.available_bytes, dev, cap=cap)
+    # quick: probe 1 GiB to check that allocation works, trust the OS for the rest
+    usable_raw = det.available_bytes if quick and probed >= (cap or 0) else probed
+    over = measure_overheads()
+    reserved = {"framework": over["framework"]} if det.kind != "cuda" else {"cuda_context": 300 * MiB}
+    usable = int(min(usable_raw * SAFETY, det.total_bytes - sum(reserved.values())))
+    gf = matmul_gflops(dev, 512 if quick else 2048)
+    host = socket.gethostname()
+    when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return DeviceProfile(
+        name=name or f"{host}-{det.kind}",
+        kind=det.kind,
+        description=f"{det.name} (calibrated{' quickly' if quick else ''})",
+        total_memory_bytes=det.total_bytes,
+        reserved_bytes=reserved,
+        usable_memory_bytes=max(1, usable),
+        unified_memory=det.unified,
+        allocator="cuda-caching" if dev == "cuda" else "cpu-malloc",
+        workspace_bytes=int(over["workspace"]),
+        fp32_gflops=round(max(gf, conv_gflops(dev, 3 if quick else 5)), 1),
+        fp16_gflops=round(matmul_gflops(dev, 512, dtype=torch.bfloat16 if dev == "cpu" else torch.float16), 1),
+        bf16_supported=dev == "cpu" or torch.cuda.is_bf16_supported(),
+        memory_bandwidth_gbs=round(bandwidth_gbs(dev, (64 if quick else 256) * MiB), 1),
+        compute_capability=det.compute_capability,
+        software={"torch": torch.__version__, **det.software},
+        source="calibrated",
+        reference=f"{host}@{when}",
+    )

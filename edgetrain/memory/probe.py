@@ -1,0 +1,72 @@
+"""Measure one real training step in a fresh process: `python -m edgetrain.memory.probe JSON`.
+
+A fresh process is the only honest way to read a step's peak resident memory: the peak RSS of
+a process that did other work first says nothing about the step. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from typing import Any
+
+
+def _main(req: dict[str, Any]) -> dict[str, Any]:
+    from edgetrain.memory.allocator import pin_malloc_policy
+
+    pin_malloc_policy()
+    import psutil
+    import torch
+    import torchvision  # noqa: F401 - the framework a training process carries
+
+    framework = psutil.Process().memory_info().rss
+    from edgetrain.memory.measure import StepSpec
+    from edgetrain.memory.measure import tracked_step as step
+    from edgetrain.memory.predict import prepare
+    from edgetrain.models import create_model
+    from edgetrain.train.step import StepSettings
+
+    torch.manual_seed(0)
+    cuda = req.get("cuda", False) and torch.cuda.is_available()
+    model, configs = prepare(create_model(req["model"], req["num_classes"]), req.get("methods", []))
+    from edgetrain.methods.base import step_settings_for
+
+    settings = step_settings_for(configs, StepSettings())
+    spec = StepSpec(tuple(req["input_shape"]), req["batch_size"], req["num_classes"], req["optimizer"], settings)
+    if cuda:
+        model = model.cuda()
+        torch.cuda.reset_peak_memory_stats()
+    report = step(model, spec, fake=False, inplace=True, budget_bytes=req.get("budget"))
+    out = {
+        "peak_total_bytes": report.peak_bytes,
+        "saved_activation_bytes": report.saved_activation_bytes,
+        "framework_bytes": framework,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    if cuda:
+        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        out["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    return out
+
+
+def measure_in_subprocess(request: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+    """Run `_main(request)` in a fresh interpreter; errors come back as their one line."""
+    from edgetrain.errors import EdgeOOMError, EdgetrainError
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgetrain.memory.probe", json.dumps(request)],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if "EdgeOOMError" in last:
+            raise EdgeOOMError(last.split(": ", 1)[-1])
+        raise EdgetrainError(f"measuring process failed: {last}")
+    return json.loads(lines[-1])
+
+
+if __name__ == "__main__":
+    print(json.dumps(_main(json.loads(sys.argv[1]))))

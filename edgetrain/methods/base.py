@@ -1,0 +1,168 @@
+"""The method registry: config type -> handler, and `apply_method_` (in place, torchao-style).
+
+A method is a frozen, validated config dataclass plus a handler that says which modules it
+applies to and how (`apply`), or how it changes the step (`step_settings`: precision,
+micro-batching). Every method must run under fake tensors, so the predictor measures it
+by running it; a handler whose memory cannot be seen that way overrides `estimate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from edgetrain._registry import Registry
+from edgetrain.errors import ConfigError
+from edgetrain.train.step import StepSettings
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's config. `risk`: accuracy-risk rank the planner weighs (0 = exact)."""
+
+    name: ClassVar[str] = "?"
+    risk: ClassVar[int] = 0
+    help: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+
+class MethodHandler:
+    """How a method acts. Defaults: no module replaced, step unchanged."""
+
+    config_type: type[MethodConfig] = MethodConfig
+
+    def eligible(self, name: str, module: nn.Module, config: MethodConfig) -> bool:
+        """Whether `apply` handles this module (by default: none; model-wide methods)."""
+        return False
+
+    def apply(self, module: nn.Module, config: MethodConfig) -> nn.Module:
+        """Return the module that replaces `module` (may be `module` changed in place)."""
+        return module
+
+    def apply_model(self, model: nn.Module, config: MethodConfig) -> None:
+        """Model-wide changes (e.g. freezing a prefix); runs before per-module `apply`."""
+
+    def step_settings(self, settings: StepSettings, config: MethodConfig) -> StepSettings:
+        return settings
+
+
+METHODS: Registry[MethodHandler] = Registry("method")
+_BY_TYPE: dict[type[MethodConfig], MethodHandler] = {}
+
+
+def register_method(handler: MethodHandler) -> MethodHandler:
+    """Register a handler under its config type's `name`."""
+    METHODS.register(handler.config_type.name, handler)
+    _BY_TYPE[handler.config_type] = handler
+    return handler
+
+
+def handler_for(config: MethodConfig) -> MethodHandler:
+    _load_builtin()
+    try:
+        return _BY_TYPE[type(config)]
+    except KeyError:
+        raise ConfigError(f"{type(config).__name__} is not a registered method config") from None
+
+
+def list_methods(pattern: str = "*") -> list[str]:
+    _load_builtin()
+    return METHODS.list(pattern)
+
+
+def parse_spec(spec: str) -> MethodConfig:
+    """'compress:bits=2,group=64' -> the registered config, with values typed and validated."""
+    _load_builtin()
+    name, _, rest = spec.partition(":")
+    cls = METHODS.get(name.strip()).config_type
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key not in fields:
+            raise ConfigError(
+                f"method spec '{spec}': bad option '{item}'; {name} takes {', '.join(fields) or 'no options'}"
+            )
+        kwargs[key] = _coerce(value, fields[key].type, spec, key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"method spec '{spec}': {e}") from None
+
+
+def config_from_dict(data: dict[str, Any]) -> MethodConfig:
+    """Inverse of `MethodConfig.to_dict` (plan files)."""
+    _load_builtin()
+    data = dict(data)
+    cls = METHODS.get(str(data.pop("method", "?"))).config_type
+    return cls(**data)
+
+
+def describe_methods() -> list[dict[str, Any]]:
+    """Name, help, risk and options (with defaults) of every registered method."""
+    out = []
+    for name in list_methods():
+        cls = METHODS.get(name).config_type
+        opts = {f.name: f.default for f in dataclasses.fields(cls)}
+        out.append({"name": name, "help": cls.help, "risk": cls.risk, "options": opts})
+    return out
+
+
+def apply_method_(model: nn.Module, config: MethodConfig, layers: str = "*") -> list[str]:
+    """Apply `config` in place to every eligible module whose name matches `layers`.
+
+    Returns the names of the modules changed. Outermost eligible modules win: once a module
+    is replaced, its children are not visited.
+    """
+    handler = handler_for(config)
+    handler.apply_model(model, config)
+    done: list[str] = []
+    for name, module in list(model.named_modules()):
+        if not name or any(name.startswith(d + ".") for d in done):
+            continue
+        if fnmatch.fnmatch(name, layers) and handler.eligible(name, module, config):
+            new = handler.apply(module, config)
+            if new is not module:
+                _set_submodule(model, name, new)
+            done.append(name)
+    return done
+
+
+def step_settings_for(configs: list[MethodConfig], settings: StepSettings | None = None) -> StepSettings:
+    settings = settings or StepSettings()
+    for c in configs:
+        settings = handler_for(c).step_settings(settings, c)
+    return settings
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _coerce(value: str, typ: Any, spec: str, key: str) -> Any:
+    typ = str(typ)
+    try:
+        if "bool" in typ:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if "int" in typ and "float" not in typ:
+            return int(value)
+        if "float" in typ:
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"method spec '{spec}': option {key}={value!r} must be {typ}") from None
+    return value
+
+
+def _load_builtin() -> None:
+    """Import the built-in method modules so that they register (once)."""
+    from edgetrain.methods import checkpoint, precision  # noqa: F401

@@ -1,0 +1,102 @@
+"""One training step, the same code for real training, measurement and fake-tensor prediction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgetrain.errors import ConfigError
+from edgetrain.memory.tracker import MemoryTracker
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """Global settings of a step: autocast precision and micro-batches per optimizer step."""
+
+    precision: str = "fp32"
+    micro_batches: int = 1
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision '{self.precision}' unknown: use one of {list(PRECISIONS)}")
+        if self.micro_batches < 1:
+            raise ConfigError(f"micro_batches must be >= 1, got {self.micro_batches}")
+
+
+def make_optimizer(name: str, params, lr: float = 0.05) -> torch.optim.Optimizer:
+    """The optimizers edgetrain knows, with the defaults its memory figures assume."""
+    params = [p for p in params if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, foreach=False)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, foreach=False)
+    raise ConfigError(f"optimizer '{name}' unknown: use sgd or adamw")
+
+
+def _autocast(x: torch.Tensor, precision: str):
+    dtype = PRECISIONS[precision]
+    return torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,  # (N, C, H, W)
+    y: torch.Tensor,  # (N,)
+    optimizer: torch.optim.Optimizer,
+    settings: StepSettings = StepSettings(),
+    tracker: MemoryTracker | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Forward, backward (accumulated over micro-batches) and optimizer step; returns the loss.
+
+    With a tracker, marks the phases and labels what is held at the end of each forward pass
+    as saved activations, then gradients and optimizer state once they exist.
+    """
+    tr = tracker or _NullTracker()
+    total = x.new_zeros(())
+    chunks = max(1, min(settings.micro_batches, x.shape[0]))
+    for xc, yc in zip(x.chunk(chunks), y.chunk(chunks), strict=True):
+        with tr.in_phase("forward"), _autocast(x, settings.precision):
+            loss = nn.functional.cross_entropy(model(xc), yc) * (xc.shape[0] / x.shape[0])
+            if extra_loss is not None:
+                loss = loss + extra_loss(model) / chunks
+        tr.label_live("activations", "forward")
+        with tr.in_phase("backward"):
+            (scaler.scale(loss) if scaler else loss).backward()
+        total = total + loss.detach()
+    tr.track((p.grad for p in model.parameters()), "gradients")
+    with tr.in_phase("optimizer"):
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    tr.track(_state_tensors(optimizer), "optimizer")
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer):
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                yield v
+
+
+class _NullTracker:
+    def in_phase(self, name: str):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def label_live(self, *a) -> None:
+        pass
+
+    def track(self, *a) -> None:
+        pass
