@@ -16,7 +16,7 @@ from pathlib import Path
 
 from edgetrain.memory.validate import compare_case
 
-GRID = {"models": ["resnet18", "mobilenet_v2", "vgg11_bn"], "batches": [8, 16, 32], "sizes": [64, 128]}
+GRID = {"models": ["resnet18", "mobilenet_v2", "vgg11_bn"], "batches": [16, 32, 64], "sizes": [64, 128]}
 QUICK = {"models": ["cifar_resnet20", "resnet18"], "batches": [8, 32], "sizes": [32, 64]}
 OUT = Path(__file__).parent / "out"
 

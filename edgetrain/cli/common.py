@@ -10,7 +10,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=False, highlight=False)
+def _console() -> Console:
+    """A console on the current stdout; wide when it is not a terminal (pipes, logs, tests)."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 class Verb:
@@ -49,4 +51,4 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
         t.add_column(c, justify="right" if c.endswith(("MiB", "%", "x", "s")) else "left")
     for r in rows:
         t.add_row(*(str(v) for v in r))
-    console.print(t)
+    _console().print(t)

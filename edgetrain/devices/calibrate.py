@@ -152,7 +152,7 @@ def profile_device(name: str | None = None, quick: bool = False, detected: Detec
         bf16_supported=dev == "cpu" or torch.cuda.is_bf16_supported(),
         memory_bandwidth_gbs=round(bandwidth_gbs(dev, (64 if quick else 256) * MiB), 1),
         compute_capability=det.compute_capability,
-        software={"torch": torch.__version__, **det.software},
+        software={"torch": str(torch.__version__), **det.software},
         source="calibrated",
         reference=f"{host}@{when}",
     )

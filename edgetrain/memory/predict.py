@@ -76,15 +76,15 @@ def estimate(
     """Predict the peak memory of one steady-state training step of `model` (nothing allocated)."""
     profile = get_device(device) if device is not None else None
     _check_args(model, input_shape, batch_size)
+    budget = profile.usable_memory_bytes if profile else None
+    if profile is not None:
+        _check_budget(model, budget, profile)
     prepared, configs = prepare(model, list(methods))
     spec = StepSpec(
         tuple(input_shape), batch_size, num_classes or _num_classes(model), optimizer, step_settings_for(configs)
     )
     report = _fake_step(prepared, spec, name)
     predicted = summarize(report, profile)
-    budget = profile.usable_memory_bytes if profile else None
-    if profile is not None:
-        _check_budget(report, budget, profile)
     return Estimate(
         name, tuple(input_shape), batch_size, optimizer, profile.name if profile else None,
         [c.name for c in configs], predicted, budget, report=report,
@@ -126,6 +126,13 @@ def _fake_step(model: nn.Module, spec: StepSpec, name: str) -> MemoryReport:
                 f"input size {s} is too small for {name}'s downsampling: use -s {_min_size(model, spec)} or more"
             ) from None
         raise
+    except ValueError as e:
+        if "more than 1 value per channel" in str(e):
+            raise ConfigError(
+                f"batch {spec.batch_size} at {spec.input_shape[-1]}px leaves BatchNorm one value per channel: "
+                "use a batch of 2 or more, or a larger input"
+            ) from None
+        raise
 
 
 @contextlib.contextmanager
@@ -163,8 +170,8 @@ def _check_args(model: nn.Module, input_shape: tuple[int, ...], batch_size: int)
         raise ConfigError(f"input shape must be (channels, height, width) with positive sizes, got {input_shape}")
 
 
-def _check_budget(report: MemoryReport, budget: int, profile: DeviceProfile) -> None:
-    params = report.peak_by_category.get("parameters", 0)
+def _check_budget(model: nn.Module, budget: int, profile: DeviceProfile) -> None:
+    params = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     if params > budget:
         mib = 2**20
         raise BudgetError(

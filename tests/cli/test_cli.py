@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def test_devices_json_lists_the_five(cli_json):
+    names = [d["name"] for d in cli_json("devices")]
+    assert names == ["cpu", "gtx750-1gb", "jetson-nano", "jetson-orin-nano", "jetson-xavier-nx"]
+    assert [d["name"] for d in cli_json("devices", "jetson*")] == ["jetson-nano", "jetson-orin-nano", "jetson-xavier-nx"]
+
+
+def test_devices_table(cli):
+    code, out, _ = cli("devices")
+    assert code == 0 and "jetson-nano" in out and "spec" in out
+
+
+def test_methods_json(cli_json):
+    names = {m["name"] for m in cli_json("methods")}
+    assert {"checkpoint", "precision", "microbatch"} <= names
+
+
+def test_estimate_json_fields(cli_json, tmp_path):
+    png = tmp_path / "mem.png"
+    doc = cli_json("estimate", "-m", "cifar_resnet8", "-b", "8", "-s", "32", "--device", "gtx750-1gb", "--plot", str(png))
+    p = doc["predicted"]
+    for key in ("peak_total_bytes", "peak_process_bytes", "saved_activation_bytes", "peak_by_category"):
+        assert key in p
+    assert doc["budget_bytes"] == 724 * 2**20 and doc["fits"] is True
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_estimate_measure_reports_both(cli_json):
+    doc = cli_json("estimate", "-m", "cifar_resnet8", "-b", "8", "-s", "32", "--measure", "--method", "checkpoint")
+    assert doc["methods"] == ["checkpoint"]
+    assert doc["measured"]["peak_total_bytes"] == doc["predicted"]["peak_total_bytes"]
+    assert doc["measured"]["saved_activation_bytes"] == doc["predicted"]["saved_activation_bytes"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["estimate", "-m", "resnet81"], "unknown model 'resnet81': did you mean resnet18"),
+        (["estimate", "-m", "resnet18", "-b", "0"], "batch size must be a positive integer"),
+        (["estimate", "-m", "vgg11_bn", "-s", "16", "-b", "2"], "too small for vgg11_bn's downsampling"),
+        (["estimate", "-m", "cifar_resnet8", "--measure", "--budget", "1KiB", "-s", "32"], "below the parameters' own size"),
+        (["estimate", "--device", "jetson-nanoo", "-s", "32"], "did you mean jetson-nano"),
+        (["estimate", "-m", "cifar_resnet8", "--method", "compres:bits=2"], "unknown method"),
+        (["estimate", "-m", "cifar_resnet8", "--method", "microbatch:micro_batches=x"], "must be int"),
+        (["estimate", "-m", "cifar_resnet8", "--method", "precision:dtype=fp8"], "bf16 or fp16"),
+    ],
+)
+def test_bad_input_one_line_nonzero(cli, args, message):
+    code, out, err = cli(*args)
+    assert code != 0
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_guard_oom_from_cli_is_one_line():
+    r = subprocess.run(
+        [sys.executable, "-m", "edgetrain.cli.main", "estimate", "-m", "cifar_resnet8", "-b", "64", "-s", "64",
+         "--measure", "--budget", "3MiB"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 3
+    assert "out of memory under the budget guard" in r.stderr and len(r.stderr.strip().splitlines()) == 1
