@@ -55,7 +55,9 @@ def _fmt(r: dict) -> str:
 def _summary(rows: list[dict]) -> None:
     for key in ("tensor_err", "process_err"):
         errs = [abs(r[key]) for r in rows]
-        print(f"{key}: median |error| {statistics.median(errs):.2%}, max |error| {max(errs):.2%} over {len(rows)} cases")
+        print(
+            f"{key}: median |error| {statistics.median(errs):.2%}, max |error| {max(errs):.2%} over {len(rows)} cases"
+        )
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -67,7 +69,9 @@ def _plot(rows: list[dict], path: Path) -> None:
     mib = 2**20
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for key, marker in (("tensor", "o"), ("process", "s")):
-        ax.scatter([r[f"meas_{key}"] / mib for r in rows], [r[f"pred_{key}"] / mib for r in rows], marker=marker, label=key)
+        ax.scatter(
+            [r[f"meas_{key}"] / mib for r in rows], [r[f"pred_{key}"] / mib for r in rows], marker=marker, label=key
+        )
     hi = max(max(r["meas_process"], r["pred_process"]) for r in rows) / mib
     ax.plot([0, hi], [0, hi], "k--", lw=0.8)
     ax.plot([0, hi], [0, hi * 1.1], "k:", lw=0.6)

@@ -11,7 +11,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_profiles_found_after_non_editable_install(tmp_path):
     target = tmp_path / "site"
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(ROOT)]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--target",
+        str(target),
+        str(ROOT),
+    ]
     r = subprocess.run(pip, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     code = "import edgetrain.devices.store as s; print(s.builtin_dir()); print(','.join(s.list_devices()))"

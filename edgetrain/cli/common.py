@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+
 def _console() -> Console:
     """A console on the current stdout; wide when it is not a terminal (pipes, logs, tests)."""
     return Console(highlight=False, width=None if sys.stdout.isatty() else 160)

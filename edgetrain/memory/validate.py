@@ -27,7 +27,9 @@ def compare_case(
     """
     profile = get_device(device)
     shape = (3, size, size)
-    est = estimate(create_model(model, num_classes), shape, batch_size, optimizer, profile, list(methods), num_classes, model)
+    est = estimate(
+        create_model(model, num_classes), shape, batch_size, optimizer, profile, list(methods), num_classes, model
+    )
     req = {"model": model, "num_classes": num_classes, "input_shape": list(shape), "batch_size": batch_size,
            "optimizer": optimizer, "methods": list(methods), "cuda": profile.kind == "cuda"}  # fmt: skip
     meas = measure_in_subprocess(req)

@@ -9,7 +9,11 @@ import pytest
 def test_devices_json_lists_the_five(cli_json):
     names = [d["name"] for d in cli_json("devices")]
     assert names == ["cpu", "gtx750-1gb", "jetson-nano", "jetson-orin-nano", "jetson-xavier-nx"]
-    assert [d["name"] for d in cli_json("devices", "jetson*")] == ["jetson-nano", "jetson-orin-nano", "jetson-xavier-nx"]
+    assert [d["name"] for d in cli_json("devices", "jetson*")] == [
+        "jetson-nano",
+        "jetson-orin-nano",
+        "jetson-xavier-nx",
+    ]
 
 
 def test_devices_table(cli):
@@ -24,7 +28,9 @@ def test_methods_json(cli_json):
 
 def test_estimate_json_fields(cli_json, tmp_path):
     png = tmp_path / "mem.png"
-    doc = cli_json("estimate", "-m", "cifar_resnet8", "-b", "8", "-s", "32", "--device", "gtx750-1gb", "--plot", str(png))
+    doc = cli_json(
+        "estimate", "-m", "cifar_resnet8", "-b", "8", "-s", "32", "--device", "gtx750-1gb", "--plot", str(png)
+    )
     p = doc["predicted"]
     for key in ("peak_total_bytes", "peak_process_bytes", "saved_activation_bytes", "peak_by_category"):
         assert key in p
@@ -45,7 +51,10 @@ def test_estimate_measure_reports_both(cli_json):
         (["estimate", "-m", "resnet81"], "unknown model 'resnet81': did you mean resnet18"),
         (["estimate", "-m", "resnet18", "-b", "0"], "batch size must be a positive integer"),
         (["estimate", "-m", "vgg11_bn", "-s", "16", "-b", "2"], "too small for vgg11_bn's downsampling"),
-        (["estimate", "-m", "cifar_resnet8", "--measure", "--budget", "1KiB", "-s", "32"], "below the parameters' own size"),
+        (
+            ["estimate", "-m", "cifar_resnet8", "--measure", "--budget", "1KiB", "-s", "32"],
+            "below the parameters' own size",
+        ),
         (["estimate", "--device", "jetson-nanoo", "-s", "32"], "did you mean jetson-nano"),
         (["estimate", "-m", "cifar_resnet8", "--method", "compres:bits=2"], "unknown method"),
         (["estimate", "-m", "cifar_resnet8", "--method", "microbatch:micro_batches=x"], "must be int"),

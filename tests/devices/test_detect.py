@@ -19,7 +19,9 @@ class FakeCuda:
         return True
 
     def get_device_properties(self, i):
-        return SimpleNamespace(name="NVIDIA GeForce GTX 750", total_memory=self.total, major=5, minor=0, is_integrated=False)
+        return SimpleNamespace(
+            name="NVIDIA GeForce GTX 750", total_memory=self.total, major=5, minor=0, is_integrated=False
+        )
 
     def mem_get_info(self, i):
         return (self.free, self.total)
