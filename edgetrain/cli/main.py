@@ -8,12 +8,13 @@ import sys
 from edgetrain.cli.common import Verb
 from edgetrain.cli.devices import Devices
 from edgetrain.cli.estimate import Estimate
+from edgetrain.cli.fit import Fit
 from edgetrain.cli.methods import Methods
 from edgetrain.cli.models import Models
 from edgetrain.cli.profile import Profile
 from edgetrain.errors import EdgetrainError
 
-VERBS: list[Verb] = [Devices(), Profile(), Models(), Methods(), Estimate()]
+VERBS: list[Verb] = [Devices(), Profile(), Models(), Methods(), Estimate(), Fit()]
 
 
 def build_parser() -> argparse.ArgumentParser:

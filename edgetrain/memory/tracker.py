@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 from edgetrain.errors import EdgeOOMError
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "inputs", "temporaries")
+ACTIVATION_MEMORY = ("activations", "temporaries")  # what grows with batch and depth
 
 
 @dataclass
@@ -55,6 +56,15 @@ class MemoryReport:
             for c in CATEGORIES:
                 series[c].append(live[c])
         return list(range(len(self.events))), series
+
+    def peak_of(self, categories: tuple[str, ...]) -> int:
+        """Highest live bytes of the given categories together (e.g. activation memory)."""
+        live, best = 0, 0
+        for delta, rid, _ in self.events:
+            if self.categories[rid] in categories:
+                live += delta
+                best = max(best, live)
+        return best
 
     def phase_spans(self) -> list[tuple[str, int, int]]:
         """(phase, first event, last event) for each contiguous phase, for plots."""

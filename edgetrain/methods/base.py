@@ -165,4 +165,4 @@ def _coerce(value: str, typ: Any, spec: str, key: str) -> Any:
 
 def _load_builtin() -> None:
     """Import the built-in method modules so that they register (once)."""
-    from edgetrain.methods import checkpoint, precision  # noqa: F401
+    from edgetrain.methods import checkpoint, freeze, precision, reversible  # noqa: F401

@@ -32,16 +32,19 @@ class CheckpointConfig(MethodConfig):
 
 @contextlib.contextmanager
 def frozen_bn_stats(module: nn.Module):
-    """Momentum 0 for every BatchNorm inside: a re-run forward leaves running stats alone."""
+    """Momentum 0 for every BatchNorm inside: a re-run forward leaves running stats alone
+    (and the batch counter is put back)."""
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m, m.momentum) for m in bns]
+    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in bns]
     for m in bns:
         m.momentum = 0.0
     try:
         yield
     finally:
-        for m, mom in saved:
+        for m, mom, count in saved:
             m.momentum = mom
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
 
 
 class _Checkpointed:

@@ -75,4 +75,4 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 def _load_own() -> None:
     """Import edgetrain's own models so that they register themselves (once)."""
-    from edgetrain.models import cifar  # noqa: F401
+    from edgetrain.models import cifar, revnet  # noqa: F401

@@ -1,0 +1,55 @@
+"""`edgetrain fit`: plan, apply and train on the device's budget; resumable."""
+
+from __future__ import annotations
+
+import argparse
+
+from edgetrain.cli.common import Verb, add_json, print_json
+
+
+class Fit(Verb):
+    name = "fit"
+    help = "plan, apply and train (embedded digits data by default); checkpointed and resumable"
+    examples = (
+        "edgetrain fit --device gtx750-1gb",
+        "edgetrain fit --device jetson-nano --model resnet18 --input-size 64 --batch-size 32 --epochs 3",
+        "edgetrain fit --device cpu --data ./my-images --out runs/mine",
+        "edgetrain fit --resume runs/mine",
+    )
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", "-d", default="gtx750-1gb", help="device profile to fit (see `edgetrain devices`)")
+        p.add_argument("--model", "-m", default="cifar_resnet20")
+        p.add_argument("--data", default="digits", help="'digits', an ImageFolder directory, or CIFAR-10 batches")
+        p.add_argument("--epochs", type=int, default=8)
+        p.add_argument("--batch-size", "-b", type=int, default=64)
+        p.add_argument("--input-size", "-s", type=int, default=32)
+        p.add_argument("--lr", type=float, default=0.05)
+        p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--method", action="append", default=[], metavar="SPEC", help="force methods instead of planning"
+        )
+        p.add_argument("--out", default="runs/last", help="run directory (checkpoints, metrics, report, plots)")
+        p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+        p.add_argument("--ckpt-every", type=int, default=20, help="steps between checkpoints")
+        add_json(p)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from edgetrain.train.recipe import FitConfig, fit
+
+        cfg = FitConfig(
+            device=args.device, model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
+            input_size=args.input_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
+            out=args.resume or args.out, methods=args.method, ckpt_every=args.ckpt_every, quiet=args.json,
+        )  # fmt: skip
+        report = fit(cfg, resume=bool(args.resume))
+        if args.json:
+            print_json(report)
+        else:
+            mib = 2**20
+            print(f"{report['model']} on {report['device']} ({'+'.join(report['methods']) or 'plain'}): "
+                  f"test accuracy {report['test_accuracy']:.2%}; peak {report['measured_peak_bytes'] / mib:.0f} MiB "
+                  f"measured / {report['predicted_peak_bytes'] / mib:.0f} MiB predicted, budget "
+                  f"{report['budget_bytes'] / mib:.0f} MiB; run in {cfg.out}")  # fmt: skip
+        return 0

@@ -1,0 +1,67 @@
+"""A first method selector: try configurations from cheapest to costliest, keep the first that fits.
+
+The ladder (each rung predicted with fake tensors): plain; checkpoint; bf16 where the device
+has it; both; then micro-batches of 2, 4, 8, ... on top. When nothing fits it says the smallest
+peak it reached, the budget, and what to change. A per-layer search replaces it later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from edgetrain.devices.profile import DeviceProfile
+from edgetrain.errors import BudgetError
+from edgetrain.memory.predict import Estimate, estimate
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class Choice:
+    """The methods chosen, their prediction, and every candidate tried (for the report)."""
+
+    methods: list[str]
+    estimate: Estimate
+    tried: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": PLAN_VERSION, "device": self.estimate.device, "methods": self.methods,
+                "predicted": self.estimate.predicted, "budget_bytes": self.estimate.budget_bytes, "tried": self.tried}  # fmt: skip
+
+
+def ladder(profile: DeviceProfile, batch_size: int) -> list[list[str]]:
+    base = [[], ["checkpoint"]]
+    if profile.bf16_supported:
+        base += [["precision:dtype=bf16"], ["checkpoint", "precision:dtype=bf16"]]
+    rungs = list(base)
+    k = 2
+    while k <= batch_size:
+        rungs.append([*base[-1], f"microbatch:micro_batches={k}"])
+        k *= 2
+    return rungs
+
+
+def choose(model: nn.Module, input_shape: tuple[int, int, int], batch_size: int, profile: DeviceProfile,
+           optimizer: str = "sgd", name: str = "model", budget_bytes: int | None = None) -> Choice:  # fmt: skip
+    """The cheapest rung whose predicted device peak fits `budget_bytes` (default: the profile's)."""
+    budget = budget_bytes or profile.usable_memory_bytes
+    tried: list[dict[str, Any]] = []
+    best: Estimate | None = None
+    for methods in ladder(profile, batch_size):
+        est = estimate(model, input_shape, batch_size, optimizer, profile, methods, name=name)
+        peak = est.predicted["peak_device_bytes"]
+        tried.append({"methods": methods, "peak_device_bytes": peak, "fits": peak <= budget})
+        if best is None or peak < best.predicted["peak_device_bytes"]:
+            best = est
+        if peak <= budget:
+            return Choice(methods, est, tried)
+    mib = 2**20
+    assert best is not None
+    raise BudgetError(
+        f"nothing fits {profile.name}: the smallest peak reachable is {best.predicted['peak_device_bytes'] / mib:.0f} MiB "
+        f"({'+'.join(best.methods) or 'plain'}) against a budget of {budget / mib:.0f} MiB: "
+        f"use a smaller --input-size or model, or fewer trainable layers"
+    )

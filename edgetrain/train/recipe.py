@@ -1,0 +1,280 @@
+"""`fit`: the training recipe — setup, train, save_checkpoint, cleanup — in one readable class.
+
+Plan (or load the given plan), apply it, train under the device's budget (the budget guard
+watches the first steps after every (re)plan, so a CPU host behaves like the device), evaluate
+every epoch, checkpoint atomically every `ckpt_every` steps and at epoch ends, and write
+metrics, report.json and plots. SIGINT/SIGTERM checkpoint before exiting; `--resume` continues
+bit-for-bit on a CPU (model, optimizer, scheduler, RNG, data order and position).
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgetrain.devices.store import get_device
+from edgetrain.errors import ConfigError, EdgeOOMError, EdgetrainError
+from edgetrain.memory.guard import BudgetGuard
+from edgetrain.methods.base import apply_method_, parse_spec, step_settings_for
+from edgetrain.models import create_model
+from edgetrain.plan import choose
+from edgetrain.train import checkpoint as ckpt
+from edgetrain.train.data import augment, load_data
+from edgetrain.train.progress import Progress
+from edgetrain.train.step import make_optimizer, train_step
+
+GUARDED_STEPS = 2  # steps watched by the budget guard after each (re)plan
+
+
+@dataclass
+class FitConfig:
+    device: str = "gtx750-1gb"
+    model: str = "cifar_resnet20"
+    data: str = "digits"
+    epochs: int = 8
+    batch_size: int = 64
+    input_size: int = 32
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    seed: int = 0
+    out: str = "runs/last"
+    methods: list[str] = field(default_factory=list)  # forced methods; empty: planned
+    ckpt_every: int = 20  # steps between checkpoints (and at every epoch end)
+    max_steps: int = 0  # stop after this many steps (0: all epochs); for tests and smoke runs
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "input_size", "ckpt_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+
+
+class Interrupted(EdgetrainError):
+    exit_code = 130
+
+
+class Recipe:
+    """One training run. `run()` = setup, train, cleanup; state lives in the run directory."""
+
+    def __init__(self, cfg: FitConfig, resume: bool = False):
+        self.cfg, self.resume = cfg, resume
+        self.out = Path(cfg.out)
+        self.stop_signal: int | None = None
+
+    # --- setup -----------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.profile = get_device(cfg.device)
+        state = ckpt.load(self.out / "checkpoint.pt") if self.resume else None
+        if state is not None:
+            self.cfg = cfg = FitConfig(
+                **{**state["config"], "out": cfg.out, "quiet": cfg.quiet, "max_steps": cfg.max_steps}
+            )
+        _seed_everything(cfg.seed)
+        self.data = load_data(cfg.data, cfg.input_size, cfg.seed)
+        self.dev = torch.device("cuda" if self.profile.kind != "cpu" and torch.cuda.is_available() else "cpu")
+        self.model = create_model(cfg.model, len(self.data.classes))
+        self.methods = state["methods"] if state else self._plan(cfg.methods)
+        self._apply(self.methods)
+        self.model.to(self.dev)
+        self.opt = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr)
+        self.train_loader, self.test_loader = self.data.loaders(cfg.batch_size, cfg.seed, self.profile.kind)
+        total = cfg.epochs * len(self.train_loader)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, cfg.lr, total_steps=total, pct_start=0.15)
+        self.aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.epoch, self.step_in_epoch, self.step, self.history = 0, 0, 0, []
+        self.epoch_gen_state = self.train_loader.generator.get_state()
+        self.step_times: list[float] = []
+        self.measured_peak = None
+        if state is not None:
+            self._restore(state)
+        if state is None and self.out.joinpath("checkpoint.pt").exists():
+            raise ConfigError(f"{self.out} already holds a run: use --resume {self.out} or another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def _plan(self, forced: list[str]) -> list[str]:
+        shape = self.data.input_shape
+        if forced:
+            return forced
+        self.choice = choose(self.model, shape, self.cfg.batch_size, self.profile, self.cfg.optimizer, self.cfg.model)
+        return self.choice.methods
+
+    def _apply(self, methods: list[str]) -> None:
+        configs = [parse_spec(m) for m in methods]
+        for c in configs:
+            apply_method_(self.model, c)
+        self.settings = step_settings_for(configs)
+        self.scaler = torch.amp.GradScaler(self.dev.type) if self.settings.precision == "fp16" else None
+        # on the device itself real OOMs guard the run; elsewhere the guard plays the device
+        self.guarded = GUARDED_STEPS if self.dev.type == "cpu" else 0
+
+    # --- train -----------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg = self.cfg
+        with Progress(cfg.epochs * len(self.train_loader), self.profile.usable_memory_bytes, quiet=cfg.quiet) as bar:
+            bar.advance_to(self.step)
+            while self.epoch < cfg.epochs:
+                self._train_epoch(bar)
+                if self.stop_signal is not None or self._done():
+                    return
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self.epoch_gen_state = self.train_loader.generator.get_state()
+                self.save_checkpoint()
+
+    def _train_epoch(self, bar: Progress) -> None:
+        self.train_loader.generator.set_state(self.epoch_gen_state)
+        for i, (x, y) in enumerate(self.train_loader):
+            if i < self.step_in_epoch:
+                continue  # resumed mid-epoch: same order, skip what was done
+            loss = self._step(
+                augment(x, self.aug_gen).to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True)
+            )
+            self.step_in_epoch, self.step = i + 1, self.step + 1
+            self.history.append(
+                {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": self.sched.get_last_lr()[0]}
+            )
+            bar.update(self.step, loss, self.measured_peak)
+            if self.step % self.cfg.ckpt_every == 0 or self.stop_signal is not None or self._done():
+                self.save_checkpoint()
+            if self.stop_signal is not None or self._done():
+                return
+        acc, test_loss = self.evaluate()
+        self.history.append({"step": self.step, "epoch": self.epoch, "test_accuracy": acc, "test_loss": test_loss})
+        bar.note(f"epoch {self.epoch + 1}/{self.cfg.epochs}: test accuracy {acc:.2%}, loss {test_loss:.3f}")
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        buffers = [b.clone() for b in self.model.buffers()] if self.guarded else None
+        try:
+            if self.guarded:
+                with BudgetGuard(self._tensor_budget(), self.model, self.opt, (x, y), self._round()) as g:
+                    loss = train_step(self.model, x, y, self.opt, self.settings, g, self.scaler)
+                self.measured_peak = g.report().peak_bytes
+                self.guarded -= 1
+            else:
+                loss = train_step(self.model, x, y, self.opt, self.settings, scaler=self.scaler)
+                if self.dev.type == "cuda":
+                    self.measured_peak = torch.cuda.max_memory_allocated()
+        except (EdgeOOMError, torch.OutOfMemoryError) as e:
+            for b, saved in zip(self.model.buffers(), buffers or [], strict=False):
+                b.copy_(saved)  # the failed step's BatchNorm statistics do not count
+            self._replan(e)
+            return self._step(x, y)
+        self.sched.step()
+        self.step_times.append(time.perf_counter() - t0)
+        return float(loss)
+
+    def _tensor_budget(self) -> int:
+        return self.profile.usable_memory_bytes - self.profile.workspace_bytes
+
+    def _round(self) -> int:
+        return 512 if self.profile.allocator == "cuda-caching" else 1
+
+    def _replan(self, err: Exception) -> None:
+        """Out of memory: plan again for 80% of the budget, apply, retry the same batch."""
+        self.opt.zero_grad(set_to_none=True)
+        tighter = int(self._tensor_budget() * 0.8)
+        old = self.methods
+        choice = choose(self.model, self.data.input_shape, self.cfg.batch_size, self.profile, self.cfg.optimizer,
+                        self.cfg.model, budget_bytes=tighter)  # fmt: skip
+        if choice.methods == old:
+            raise err
+        self.methods = choice.methods
+        self._apply(self.methods)
+        print(f"edgetrain fit: out of memory ({err}); re-planned for {tighter / 2**20:.0f} MiB: "
+              f"{'+'.join(old) or 'plain'} -> {'+'.join(self.methods)}", flush=True)  # fmt: skip
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        self.model.eval()
+        correct, loss, n = 0, 0.0, 0
+        for x, y in self.test_loader:
+            x, y = x.to(self.dev), y.to(self.dev)
+            out = self.model(x)
+            loss += torch.nn.functional.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+            n += len(y)
+        self.model.train()
+        return correct / n, loss / n
+
+    def _done(self) -> bool:
+        return bool(self.cfg.max_steps) and self.step >= self.cfg.max_steps
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        state = {
+            "config": asdict(self.cfg), "methods": self.methods, "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch, "step": self.step, "history": self.history,
+            "epoch_gen_state": self.epoch_gen_state, "aug_gen_state": self.aug_gen.get_state(),
+            "rng": (torch.get_rng_state(), np.random.get_state(), random.getstate()),
+            "classes": self.data.classes, "input_shape": self.data.input_shape,
+        }  # fmt: skip
+        return ckpt.save(state, self.out / "checkpoint.pt")
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if len(state["classes"]) != len(self.data.classes):
+            raise ConfigError(f"the checkpoint has {len(state['classes'])} classes but the data has "
+                              f"{len(self.data.classes)}: resume with the same --data")  # fmt: skip
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch, self.step = state["epoch"], state["step_in_epoch"], state["step"]
+        self.history, self.epoch_gen_state = state["history"], state["epoch_gen_state"]
+        self.aug_gen.set_state(state["aug_gen_state"])
+        torch.set_rng_state(state["rng"][0])
+        np.random.set_state(state["rng"][1])
+        random.setstate(state["rng"][2])
+
+    # --- run ---------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.train()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        if self.stop_signal is not None:
+            raise Interrupted(
+                f"stopped by signal {self.stop_signal}; checkpoint saved: resume with --resume {self.out}"
+            )
+        return self.cleanup()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
+
+    def cleanup(self) -> dict[str, Any]:
+        from edgetrain.train.report import write_report
+
+        torch.save(self.model.state_dict(), self.out / "model.pt")
+        return write_report(self)
+
+
+def fit(cfg: FitConfig | None = None, resume: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """Plan, apply and train; returns the report (also written to `<out>/report.json`)."""
+    return Recipe(cfg or FitConfig(**kwargs), resume=resume).run()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def median_step_time(times: list[float]) -> float | None:
+    return statistics.median(times[2:] or times) if times else None

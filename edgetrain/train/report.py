@@ -1,0 +1,65 @@
+"""What a finished run leaves behind: report.json, metrics.jsonl, curves.png and memory.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgetrain.memory.plot import plot_timeline
+from edgetrain.memory.predict import estimate
+from edgetrain.models import create_model
+
+
+def write_report(recipe) -> dict[str, Any]:
+    """Evaluate, predict the plan's memory once more, and write the run's report and plots."""
+    from edgetrain.train.recipe import median_step_time
+
+    cfg, out = recipe.cfg, Path(recipe.out)
+    acc, test_loss = recipe.evaluate()
+    fresh = create_model(cfg.model, len(recipe.data.classes))
+    est = estimate(
+        fresh, recipe.data.input_shape, cfg.batch_size, cfg.optimizer, recipe.profile, recipe.methods, name=cfg.model
+    )
+    evals = [h for h in recipe.history if "test_accuracy" in h]
+    report = {
+        "model": cfg.model, "device": recipe.profile.name, "data": cfg.data, "epochs": cfg.epochs, "steps": recipe.step,
+        "methods": recipe.methods, "test_accuracy": acc, "test_loss": test_loss,
+        "accuracy_by_epoch": [h["test_accuracy"] for h in evals],
+        "predicted_peak_bytes": est.predicted["peak_total_bytes"], "predicted_device_bytes": est.predicted["peak_device_bytes"],
+        "measured_peak_bytes": recipe.measured_peak, "budget_bytes": est.budget_bytes,
+        "median_step_seconds": median_step_time(recipe.step_times), "config": vars(cfg),
+    }  # fmt: skip
+    (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in recipe.history))
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    plot_curves(
+        recipe.history, out / "curves.png", f"{cfg.model} on {cfg.data} ({'+'.join(recipe.methods) or 'plain'})"
+    )
+    plot_timeline(
+        est.report, out / "memory.png", f"{cfg.model} b{cfg.batch_size} on {recipe.profile.name}", est.budget_bytes
+    )
+    return report
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    """Training loss by step and test accuracy by epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h for h in history if "loss" in h]
+    evals = [h for h in history if "test_accuracy" in h]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([h["step"] for h in steps], [h["loss"] for h in steps], lw=0.8, label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot([h["step"] for h in evals], [h["test_accuracy"] for h in evals], "o-", color="C1", label="test accuracy")
+    ax2.set_ylabel("test accuracy")
+    ax2.set_ylim(0, 1)
+    ax.set_title(title)
+    fig.legend(loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
