@@ -1,0 +1,113 @@
+"""Checkpointing, precision, micro-batching and freezing: exactness where promised, memory saved."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from edgetrain.memory.predict import estimate
+from edgetrain.memory.validate import compare_case
+from edgetrain.methods.base import apply_method_, parse_spec, step_settings_for
+from edgetrain.models import create_model
+from edgetrain.train.step import StepSettings, make_optimizer, train_step
+
+
+def _step(model, x, y, settings=StepSettings()):
+    opt = make_optimizer("sgd", model.parameters(), lr=0.1)
+    train_step(model, x, y, opt, settings)
+    return model
+
+
+def test_checkpoint_gives_the_same_step_and_bn_stats():
+    torch.manual_seed(0)
+    base = create_model("cifar_resnet20")
+    ck = copy.deepcopy(base)
+    assert apply_method_(ck, parse_spec("checkpoint")) == ["stem"] + [f"layers.{i}" for i in range(9)]
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    _step(base, x, y)
+    _step(ck, x, y)
+    for (n, a), b in zip(ck.state_dict().items(), base.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), n  # same names, same values
+    assert list(ck.state_dict()) == list(base.state_dict())
+
+
+def test_checkpoint_vgg_stage_segments():
+    m = create_model("vgg11_bn")
+    assert apply_method_(m, parse_spec("checkpoint")) == ["features"]
+    plain = estimate(create_model("vgg11_bn"), (3, 64, 64), 8).predicted["saved_activation_bytes"]
+    ck = estimate(m, (3, 64, 64), 8).predicted["saved_activation_bytes"]
+    assert ck < 0.3 * plain
+
+
+# bf16 on the CPU: convs save bf16 inputs and bf16 weight copies, BatchNorm stays fp32 -> ~0.65
+@pytest.mark.parametrize(
+    "spec, at_most", [("checkpoint", 0.6), ("precision:dtype=bf16", 0.7), ("microbatch:micro_batches=4", 0.3)]
+)
+def test_methods_shrink_saved_activations(spec, at_most):
+    m = create_model("resnet18")
+    plain = estimate(m, (3, 128, 128), 32).predicted["saved_activation_bytes"]
+    got = estimate(m, (3, 128, 128), 32, methods=[spec]).predicted["saved_activation_bytes"]
+    assert got < at_most * plain
+
+
+def test_microbatch_keeps_the_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10))
+    x, y = torch.randn(16, 3, 4, 4), torch.randint(0, 10, (16,))
+    grads = []
+    for k in (1, 4):
+        m = copy.deepcopy(model)
+        nn.functional.cross_entropy(m(x), y)  # noqa: B018 - warm nothing
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        settings = step_settings_for([parse_spec(f"microbatch:micro_batches={k}")]) if k > 1 else StepSettings()
+        opt.zero_grad()
+        for xc, yc in zip(x.chunk(k), y.chunk(k), strict=True):
+            (nn.functional.cross_entropy(m(xc), yc) * len(xc) / len(x)).backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+        assert settings.micro_batches == k
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_train_step_microbatch_equals_full_batch_update():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10))
+    x, y = torch.randn(16, 3, 4, 4), torch.randint(0, 10, (16,))
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    _step(a, x, y)
+    _step(b, x, y, StepSettings(micro_batches=4))
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_freeze_prefix():
+    m = create_model("resnet18")
+    apply_method_(m, parse_spec("freeze:upto=layer2"))
+    frozen = [n for n, p in m.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.split(".")[0] in ("conv1", "bn1", "layer1", "layer2") for n in frozen)
+    before = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
+    _step(m, torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,)))
+    assert all(torch.equal(before[n], p) for n, p in m.named_parameters() if n in before)
+    plain = estimate(create_model("resnet18"), (3, 64, 64), 16).predicted
+    fr = estimate(create_model("resnet18"), (3, 64, 64), 16, methods=["freeze:upto=layer2"]).predicted
+    assert fr["saved_activation_bytes"] < 0.5 * plain["saved_activation_bytes"]
+    assert fr["peak_by_category"]["optimizer"] < plain["peak_by_category"]["optimizer"]
+
+
+def test_freeze_unknown_layer_is_clear():
+    from edgetrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no top-level layer 'layer9'; this model has conv1"):
+        apply_method_(create_model("resnet18"), parse_spec("freeze:upto=layer9"))
+
+
+@pytest.mark.parametrize(
+    "spec", ["checkpoint", "precision:dtype=bf16", "microbatch:micro_batches=2", "reversible", "freeze:upto=layers"]
+)
+def test_estimate_agrees_with_measured_per_method(spec):
+    r = compare_case("cifar_resnet20", 16, 32, [spec])
+    assert abs(r["tensor_err"]) <= 0.05, r
+    assert r["pred_saved"] == pytest.approx(r["meas_saved"], rel=0.05)
