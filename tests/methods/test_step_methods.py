@@ -15,9 +15,9 @@ from edgetrain.models import create_model
 from edgetrain.train.step import StepSettings, make_optimizer, train_step
 
 
-def _step(model, x, y, settings=StepSettings()):
+def _step(model, x, y, settings: StepSettings | None = None):
     opt = make_optimizer("sgd", model.parameters(), lr=0.1)
-    train_step(model, x, y, opt, settings)
+    train_step(model, x, y, opt, settings or StepSettings())
     return model
 
 
