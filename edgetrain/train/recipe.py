@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import signal
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,6 +83,8 @@ class Recipe:
             )
         _seed_everything(cfg.seed)
         self.data = load_data(cfg.data, cfg.input_size, cfg.seed)
+        if getattr(self.data, "skipped", 0):
+            print(f"edgetrain fit: skipped {self.data.skipped} unreadable image files in {cfg.data}", file=sys.stderr)
         self.dev = torch.device("cuda" if self.profile.kind != "cpu" and torch.cuda.is_available() else "cpu")
         self.model = create_model(cfg.model, len(self.data.classes))
         self.methods = state["methods"] if state else self._plan(cfg.methods)
