@@ -27,8 +27,8 @@ from edgetrain.methods.checkpoint import frozen_bn_stats
 
 def residual_fn(channels: int, hidden: int, dropout: float = 0.0) -> nn.Sequential:
     """F or G of a coupling: BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3, channels -> channels."""
-    layers = [nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, hidden, 3, padding=1, bias=False)]
-    layers += [nn.BatchNorm2d(hidden), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
+    layers = [nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, hidden, 3, padding=1, bias=False)]
+    layers += [nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)] + ([nn.Dropout(dropout)] if dropout else [])
     return nn.Sequential(*layers, nn.Conv2d(hidden, channels, 3, padding=1, bias=False))
 
 
@@ -50,6 +50,29 @@ class Coupling(nn.Module):
         self._states = (sf, sg) if sf is not None else None
         return torch.cat([y1, x2 + self.g(y1)], dim=1)
 
+    def backward_pass(self, y, dy, grads: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rebuild the input and back-propagate in one sweep (Gomez et al. 2017): G's graph, then
+        F's, never both; F and G run once each. `y` and `dy` are overwritten in place with the
+        block's input and its gradient (the caller owns them), so no full-size copy is made.
+        Adds parameter gradients to `grads`; returns (x, dx)."""
+        y1, y2 = y.chunk(2, dim=1)  # views: y1 stays, y2 becomes x2
+        dy1, dy2 = dy.chunk(2, dim=1)  # views: dy1 becomes dL/dx1, dy2 becomes dL/dx2
+        sf, sg = self._states or (None, None)
+        z1 = y1.detach().requires_grad_(True)
+        with torch.enable_grad(), _rng(sg):
+            gz = self.g(z1)
+        dy1.add_(_grad(gz, z1, self.g, dy2, grads))  # dL/dy1: direct, plus through y2 = x2 + G(y1)
+        with torch.no_grad():
+            y2.sub_(gz)  # x2 = y2 - G(y1)
+        del gz, z1
+        x2g = y2.detach().requires_grad_(True)
+        with torch.enable_grad(), _rng(sf):
+            fx = self.f(x2g)
+        dy2.add_(_grad(fx, x2g, self.f, dy1, grads))  # dL/dx2: direct, plus through y1 = x1 + F(x2)
+        with torch.no_grad():
+            y1.sub_(fx)  # x1 = y1 - F(x2)
+        return y, dy
+
     def inverse(self, y):  # (N, C, H, W) -> (N, C, H, W); dropout replays the forward's masks
         y1, y2 = y.chunk(2, dim=1)
         sf, sg = self._states or (None, None)
@@ -69,6 +92,13 @@ class InvDownsample(nn.Module):
 
     def inverse(self, y):
         return nn.functional.pixel_shuffle(y, 2)
+
+    def backward_pass(self, y, dy, grads: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and its gradient, written back into the buffers of `y` and `dy` (same sizes)."""
+        x, dx = nn.functional.pixel_shuffle(y, 2), nn.functional.pixel_shuffle(dy, 2)
+        y.view(x.shape).copy_(x)
+        dy.view(dx.shape).copy_(dx)
+        return y.view(x.shape), dy.view(dx.shape)
 
 
 class _RevChain(torch.autograd.Function):
@@ -93,15 +123,24 @@ class _RevChain(torch.autograd.Function):
     def backward(ctx, dy):
         seq = ctx.seq
         (y,) = ctx.saved_tensors
+        # The chain rebuilds inputs in place: in the saved output itself (nothing after us needs it;
+        # a second backward through the same graph is not supported) and in the incoming gradient
+        # when it is a dense buffer of its own (else in a copy of it).
+        y = y.detach()
+        if not dy.is_contiguous() or dy.untyped_storage().nbytes() != dy.numel() * dy.element_size():
+            dy = dy.clone(memory_format=torch.contiguous_format)
         grads: dict[nn.Parameter, torch.Tensor] = {}
         errors: dict[int, float] = {}
         for i in reversed(range(len(seq.blocks))):
             block = seq.blocks[i]
+            if isinstance(block, Coupling | InvDownsample) and i not in ctx.kept:
+                with _autocast(y, ctx.autocast), frozen_bn_stats(block):
+                    y, dy = block.backward_pass(y, dy, grads)
+                continue
             with torch.no_grad(), _autocast(y, ctx.autocast), frozen_bn_stats(block):
-                x = block.inverse(y)
-            if i in ctx.kept:
-                if ctx.check:
-                    errors[i] = (x.float() - ctx.kept[i].float()).abs().max().item()
+                x = ctx.kept[i] if block.store_input else block.inverse(y)
+            if ctx.check and i in ctx.kept:
+                errors[i] = (x.float() - ctx.kept[i].float()).abs().max().item()
                 x = ctx.kept[i]
             y, dy = _block_backward(block, x, dy, ctx.rng[i], ctx.autocast, grads)
         if ctx.check:
@@ -109,17 +148,22 @@ class _RevChain(torch.autograd.Function):
         return (dy, None, *(grads.get(p) for p in seq._params()))
 
 
-def _block_backward(block, x, dy, rng, autocast, grads):
-    """Re-run `block` on its rebuilt input with grad, back-propagate `dy`; returns (x, dx)."""
-    params = [p for p in block.parameters() if p.requires_grad]
-    xg = x.detach().requires_grad_(True)
-    with torch.enable_grad(), _autocast(x, autocast), frozen_bn_stats(block), _rng(rng):
-        out = block(xg)
-    got = torch.autograd.grad(out, [xg, *params], dy, allow_unused=True)
+def _grad(out, inp, module: nn.Module, dout, grads: dict) -> torch.Tensor:
+    """d(out)/d(inp) . dout, accumulating `module`'s parameter gradients into `grads`."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out, [inp, *params], dout, allow_unused=True)
     for p, g in zip(params, got[1:], strict=True):
         if g is not None:
             grads[p] = g if p not in grads else grads[p] + g
-    return x.detach(), got[0]
+    return got[0]
+
+
+def _block_backward(block, x, dy, rng, autocast, grads):
+    """Re-run `block` on its rebuilt input with grad, back-propagate `dy`; returns (x, dx)."""
+    xg = x.detach().requires_grad_(True)
+    with torch.enable_grad(), _autocast(x, autocast), frozen_bn_stats(block), _rng(rng):
+        out = block(xg)
+    return x.detach(), _grad(out, xg, block, dy, grads)
 
 
 def _autocast(x, state):
@@ -146,9 +190,10 @@ class _rng:
 class ReversibleSequence(nn.Module):
     """A chain of couplings and invertible downsamplings whose activations are not stored."""
 
-    def __init__(self, blocks: list[nn.Module], check_every: int = 0, tolerance: float = 1e-3):
+    def __init__(self, blocks: list[nn.Module], check_every: int = 0, tolerance: float = 1e-3, enabled: bool = True):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
+        self.enabled = enabled  # False: plain autograd, activations stored (reference, export)
         self.check_every, self.tolerance = check_every, tolerance
         self.steps = 0
         self.last_errors: dict[int, float] = {}
@@ -166,7 +211,7 @@ class ReversibleSequence(nn.Module):
                 self.blocks[i].store_input = True
 
     def forward(self, x):
-        if not (self.training and torch.is_grad_enabled() and (x.requires_grad or self._params())):
+        if not (self.enabled and self.training and torch.is_grad_enabled() and (x.requires_grad or self._params())):
             return self._plain(x)
         self.steps += 1
         return _RevChain.apply(x, self, *self._params())

@@ -16,8 +16,8 @@ from edgetrain.models import register_model
 
 
 class RevNet(nn.Module):
-    def __init__(self, depth: int = 2, width: int = 16, hidden: tuple[int, ...] = (16, 32, 64), num_classes: int = 10,
-                 dropout: float = 0.0):  # fmt: skip
+    def __init__(self, depth: int = 2, width: int = 16, hidden: tuple[int, ...] = (8, 32, 64), num_classes: int = 10,
+                 dropout: float = 0.0, reversible: bool = True):  # fmt: skip
         super().__init__()
         self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
         blocks: list[nn.Module] = []
@@ -27,7 +27,7 @@ class RevNet(nn.Module):
                 blocks.append(InvDownsample())
                 c *= 4
             blocks += [Coupling(residual_fn(c // 2, h, dropout), residual_fn(c // 2, h, dropout)) for _ in range(depth)]
-        self.body = ReversibleSequence(blocks)
+        self.body = ReversibleSequence(blocks, enabled=reversible)
         self.head = nn.Sequential(
             nn.BatchNorm2d(c), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)
         )
@@ -44,3 +44,9 @@ def revnet(num_classes: int = 10) -> nn.Module:
 @register_model
 def revnet_deep(num_classes: int = 10) -> nn.Module:
     return RevNet(depth=4, num_classes=num_classes)
+
+
+@register_model
+def revnet_stored(num_classes: int = 10) -> nn.Module:
+    """`revnet` with its activations stored by autograd: the same network, the usual memory."""
+    return RevNet(depth=2, num_classes=num_classes, reversible=False)
