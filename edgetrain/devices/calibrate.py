@@ -83,8 +83,9 @@ def _median_time(fn, device: str, repeat: int) -> float:
 
 
 _OVERHEAD_SCRIPT = r"""
-import json, resource, psutil
+import json, psutil
 from edgetrain.memory.allocator import pin_malloc_policy
+from edgetrain.memory.probe import peak_rss_bytes
 pin_malloc_policy()
 import torch, torchvision
 framework = psutil.Process().memory_info().rss
@@ -93,7 +94,7 @@ from edgetrain.models import create_model
 model = create_model("cifar_resnet8")
 base = psutil.Process().memory_info().rss
 report = tracked_step(model, StepSpec((3, 64, 64), 64, 10), fake=False, inplace=True)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss_bytes()
 print(json.dumps({"framework": framework, "workspace": max(0, peak - base - report.peak_bytes)}))
 """
 

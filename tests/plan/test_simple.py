@@ -17,7 +17,7 @@ def test_plain_when_it_fits():
 
 def test_cheapest_rung_that_fits_is_taken():
     nano = get_device("jetson-nano")
-    c = choose(create_model("resnet18"), (3, 224, 224), 64, nano, name="resnet18")
+    c = choose(create_model("resnet18"), (3, 224, 224), 128, nano, name="resnet18")
     assert c.estimate.predicted["peak_device_bytes"] <= nano.usable_memory_bytes
     assert not c.tried[0]["fits"] and c.tried[-1]["fits"] and len(c.tried) >= 2
 
