@@ -72,16 +72,26 @@ def _measure(args: argparse.Namespace, shape: tuple[int, int, int], est) -> dict
         if args.budget == "device":
             if est.budget_bytes is None:
                 raise ConfigError("--budget device needs --device NAME")
-            budget = est.budget_bytes
+            from edgetrain.devices.store import get_device
+            from edgetrain.memory.guard import tensor_budget
+
+            budget = tensor_budget(get_device(args.device))
         else:
             budget = parse_size(args.budget, "--budget", "budget")
         if budget <= est.predicted["peak_by_category"]["parameters"]:
             raise BudgetError(f"budget {mib(budget)} is below the parameters' own size: give a larger --budget")
     req = {"model": args.model, "num_classes": args.num_classes, "input_shape": list(shape),
-           "batch_size": args.batch_size, "optimizer": args.optimizer, "methods": args.method, "budget": budget}  # fmt: skip
+           "batch_size": args.batch_size, "optimizer": args.optimizer, "methods": args.method, "budget": budget, "cuda": _on_gpu(est)}  # fmt: skip
     m = measure_in_subprocess(req)
     m["peak_process_bytes"] = m["peak_rss_bytes"]
     return m
+
+
+def _on_gpu(est) -> bool:
+    """Measure on the GPU when the target is a GPU device and this machine has one."""
+    import torch
+
+    return est.device is not None and est.device != "cpu" and torch.cuda.is_available()
 
 
 def _print(est) -> None:

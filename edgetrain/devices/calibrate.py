@@ -95,7 +95,20 @@ model = create_model("cifar_resnet8")
 base = psutil.Process().memory_info().rss
 report = tracked_step(model, StepSpec((3, 64, 64), 64, 10), fake=False, inplace=True)
 peak = peak_rss_bytes()
-print(json.dumps({"framework": framework, "workspace": max(0, peak - base - report.peak_bytes)}))
+out = {"framework": framework, "workspace": max(0, peak - base - report.peak_bytes)}
+if torch.cuda.is_available():  # the context's cost: device memory used before/after creating it
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        used0 = pynvml.nvmlDeviceGetMemoryInfo(h).used
+        torch.zeros(1, device="cuda")
+        out["cuda_context"] = pynvml.nvmlDeviceGetMemoryInfo(h).used - used0
+    except Exception:  # NVML absent or NOT_SUPPORTED (Jetson): the process's RSS grows instead
+        rss0 = psutil.Process().memory_info().rss
+        torch.zeros(1, device="cuda")
+        out["cuda_context"] = psutil.Process().memory_info().rss - rss0
+print(json.dumps(out))
 """
 
 
@@ -133,8 +146,12 @@ def profile_device(name: str | None = None, quick: bool = False, detected: Detec
     # quick: probe 1 GiB to check that allocation works, trust the OS for the rest
     usable_raw = det.available_bytes if quick and probed >= (cap or 0) else probed
     over = measure_overheads()
-    reserved = {"framework": over["framework"]} if det.kind != "cuda" else {"cuda_context": 300 * MiB}
-    usable = int(min(usable_raw * SAFETY, det.total_bytes - sum(reserved.values())))
+    reserved = {"framework": over["framework"]}
+    if "cuda_context" in over:
+        reserved["cuda_context"] = over["cuda_context"]
+    # a discrete GPU's probe ran inside a live context; elsewhere the framework shares the memory
+    on_device = reserved.get("cuda_context", 0) if det.kind == "cuda" else sum(reserved.values())
+    usable = int(min(usable_raw * SAFETY, det.total_bytes - on_device))
     gf = matmul_gflops(dev, 512 if quick else 2048)
     host = socket.gethostname()
     when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -146,7 +163,7 @@ def profile_device(name: str | None = None, quick: bool = False, detected: Detec
         reserved_bytes=reserved,
         usable_memory_bytes=max(1, usable),
         unified_memory=det.unified,
-        allocator="cuda-caching" if dev == "cuda" else "cpu-malloc",
+        allocator="cuda-caching" if det.kind != "cpu" and torch.cuda.is_available() else "cpu-malloc",
         workspace_bytes=int(over["workspace"]),
         fp32_gflops=round(max(gf, conv_gflops(dev, 3 if quick else 5)), 1),
         fp16_gflops=round(matmul_gflops(dev, 512, dtype=torch.bfloat16 if dev == "cpu" else torch.float16), 1),

@@ -11,6 +11,16 @@ from edgetrain.memory.tracker import MemoryTracker
 from edgetrain.train.step import _state_tensors
 
 
+def tensor_budget(profile) -> int:
+    """Bytes a device leaves for a step's tensors: usable memory less the runtime workspace."""
+    return profile.usable_memory_bytes - profile.workspace_bytes
+
+
+def allocation_granularity(profile) -> int:
+    """What one allocation costs at least: 512 B blocks under CUDA's caching allocator."""
+    return 512 if profile.allocator == "cuda-caching" else 1
+
+
 class BudgetGuard(MemoryTracker):
     """A tracker that raises `EdgeOOMError` as soon as live tensor bytes pass `budget_bytes`.
 

@@ -109,10 +109,12 @@ def summarize(report: MemoryReport, profile: DeviceProfile | None) -> dict[str, 
 
 
 def _process_overhead(profile: DeviceProfile | None) -> int:
-    """Fixed bytes of the training process beyond its tensors: framework, CUDA context."""
+    """Fixed bytes beyond the tensors in what the process level measures: the CUDA context on a
+    discrete GPU; the framework too where CPU and GPU share one memory (CPU, Jetson)."""
     if profile is None:
         return 0
-    return sum(v for k, v in profile.reserved_bytes.items() if k in ("framework", "cuda_context"))
+    keys = ("cuda_context",) if profile.kind == "cuda" else ("framework", "cuda_context")
+    return sum(v for k, v in profile.reserved_bytes.items() if k in keys)
 
 
 def _fake_step(model: nn.Module, spec: StepSpec, name: str) -> MemoryReport:

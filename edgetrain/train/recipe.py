@@ -23,7 +23,7 @@ import torch
 
 from edgetrain.devices.store import get_device
 from edgetrain.errors import ConfigError, EdgeOOMError, EdgetrainError
-from edgetrain.memory.guard import BudgetGuard
+from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
 from edgetrain.methods.base import apply_method_, parse_spec, step_settings_for
 from edgetrain.models import create_model
 from edgetrain.plan import choose
@@ -161,7 +161,9 @@ class Recipe:
         buffers = [b.clone() for b in self.model.buffers()] if self.guarded else None
         try:
             if self.guarded:
-                with BudgetGuard(self._tensor_budget(), self.model, self.opt, (x, y), self._round()) as g:
+                with BudgetGuard(
+                    self._tensor_budget(), self.model, self.opt, (x, y), allocation_granularity(self.profile)
+                ) as g:
                     loss = train_step(self.model, x, y, self.opt, self.settings, g, self.scaler)
                 self.measured_peak = g.report().peak_bytes
                 self.guarded -= 1
@@ -179,10 +181,7 @@ class Recipe:
         return float(loss)
 
     def _tensor_budget(self) -> int:
-        return self.profile.usable_memory_bytes - self.profile.workspace_bytes
-
-    def _round(self) -> int:
-        return 512 if self.profile.allocator == "cuda-caching" else 1
+        return tensor_budget(self.profile)
 
     def _replan(self, err: Exception) -> None:
         """Out of memory: plan again for 80% of the budget, apply, retry the same batch."""
