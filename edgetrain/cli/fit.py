@@ -15,6 +15,7 @@ class Fit(Verb):
         "edgetrain fit --device jetson-nano --model resnet18 --input-size 64 --batch-size 32 --epochs 3",
         "edgetrain fit --device cpu --data ./my-images --out runs/mine",
         "edgetrain fit --resume runs/mine",
+        "edgetrain fit --device jetson-nano --plan runs/mine/plan.yaml --out runs/again",
     )
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
@@ -30,6 +31,7 @@ class Fit(Verb):
         p.add_argument(
             "--method", action="append", default=[], metavar="SPEC", help="force methods instead of planning"
         )
+        p.add_argument("--plan", metavar="YAML", help="use this plan file (e.g. an earlier run's plan.yaml)")
         p.add_argument("--out", default="runs/last", help="run directory (checkpoints, metrics, report, plots)")
         p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
         p.add_argument("--ckpt-every", type=int, default=20, help="steps between checkpoints")
@@ -41,7 +43,7 @@ class Fit(Verb):
         cfg = FitConfig(
             device=args.device, model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
             input_size=args.input_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
-            out=args.resume or args.out, methods=args.method, ckpt_every=args.ckpt_every, quiet=args.json,
+            out=args.resume or args.out, methods=args.method, plan=args.plan, ckpt_every=args.ckpt_every, quiet=args.json,
         )  # fmt: skip
         report = fit(cfg, resume=bool(args.resume))
         if args.json:

@@ -1,5 +1,5 @@
 """Choosing methods for a device. For now a cost-ordered ladder (`choose`); see simple.py."""
 
-from edgetrain.plan.simple import Choice, choose
+from edgetrain.plan.simple import Choice, choose, load_plan, save_plan
 
-__all__ = ["Choice", "choose"]
+__all__ = ["Choice", "choose", "load_plan", "save_plan"]

@@ -7,14 +7,18 @@ peak it reached, the budget, and what to change. A per-layer search replaces it 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import yaml
 from torch import nn
 
 from edgetrain.devices.profile import DeviceProfile
-from edgetrain.errors import BudgetError
+from edgetrain.errors import BudgetError, ConfigError
 from edgetrain.memory.predict import Estimate, estimate
+from edgetrain.methods.base import parse_spec
 
 PLAN_VERSION = 1
 
@@ -30,6 +34,31 @@ class Choice:
     def to_dict(self) -> dict[str, Any]:
         return {"version": PLAN_VERSION, "device": self.estimate.device, "methods": self.methods,
                 "predicted": self.estimate.predicted, "budget_bytes": self.estimate.budget_bytes, "tried": self.tried}  # fmt: skip
+
+
+def save_plan(choice: Choice, path: str | Path, model: str, input_shape: tuple[int, int, int], batch_size: int) -> Path:
+    """Write the plan file `fit --plan` reads back (YAML; `version` guards the format)."""
+    doc = {**choice.to_dict(), "model": model, "input_shape": list(input_shape), "batch_size": batch_size}
+    doc.pop("tried", None)
+    path = Path(path)
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(doc, default=str)), sort_keys=False))
+    return path
+
+
+def load_plan(path: str | Path) -> dict[str, Any]:
+    """Read a plan file; a missing file, bad YAML or another version is one clear error."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"plan {path}: no such file") from None
+    except yaml.YAMLError:
+        raise ConfigError(f"plan {path}: not valid YAML; write it again with `edgetrain fit` or by hand") from None
+    if not isinstance(doc, dict) or doc.get("version") != PLAN_VERSION or not isinstance(doc.get("methods"), list):
+        raise ConfigError(f"plan {path}: expected version: {PLAN_VERSION} and a methods list")
+    for spec in doc["methods"]:
+        parse_spec(str(spec))  # unknown methods and bad options fail here, before training
+    return doc
 
 
 def ladder(profile: DeviceProfile, batch_size: int) -> list[list[str]]:

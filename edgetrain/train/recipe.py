@@ -26,7 +26,7 @@ from edgetrain.errors import ConfigError, EdgeOOMError, EdgetrainError
 from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
 from edgetrain.methods.base import apply_method_, parse_spec, step_settings_for
 from edgetrain.models import create_model
-from edgetrain.plan import choose
+from edgetrain.plan import choose, load_plan, save_plan
 from edgetrain.train import checkpoint as ckpt
 from edgetrain.train.data import augment, load_data
 from edgetrain.train.progress import Progress
@@ -48,6 +48,7 @@ class FitConfig:
     seed: int = 0
     out: str = "runs/last"
     methods: list[str] = field(default_factory=list)  # forced methods; empty: planned
+    plan: str | None = None  # a plan file (from an earlier run's plan.yaml) instead of planning
     ckpt_every: int = 20  # steps between checkpoints (and at every epoch end)
     max_steps: int = 0  # stop after this many steps (0: all epochs); for tests and smoke runs
     quiet: bool = False
@@ -77,6 +78,8 @@ class Recipe:
         cfg = self.cfg
         self.profile = get_device(cfg.device)
         state = ckpt.load(self.out / "checkpoint.pt") if self.resume else None
+        if state is None and self.out.joinpath("checkpoint.pt").exists():
+            raise ConfigError(f"{self.out} already holds a run: use --resume {self.out} or another --out")
         if state is not None:
             self.cfg = cfg = FitConfig(
                 **{**state["config"], "out": cfg.out, "quiet": cfg.quiet, "max_steps": cfg.max_steps}
@@ -101,16 +104,18 @@ class Recipe:
         self.measured_peak = None
         if state is not None:
             self._restore(state)
-        if state is None and self.out.joinpath("checkpoint.pt").exists():
-            raise ConfigError(f"{self.out} already holds a run: use --resume {self.out} or another --out")
         self.out.mkdir(parents=True, exist_ok=True)
 
     def _plan(self, forced: list[str]) -> list[str]:
         shape = self.data.input_shape
+        if self.cfg.plan:
+            return [str(m) for m in load_plan(self.cfg.plan)["methods"]]
         if forced:
             return forced
-        self.choice = choose(self.model, shape, self.cfg.batch_size, self.profile, self.cfg.optimizer, self.cfg.model)
-        return self.choice.methods
+        choice = choose(self.model, shape, self.cfg.batch_size, self.profile, self.cfg.optimizer, self.cfg.model)
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_plan(choice, self.out / "plan.yaml", self.cfg.model, shape, self.cfg.batch_size)
+        return choice.methods
 
     def _apply(self, methods: list[str]) -> None:
         configs = [parse_spec(m) for m in methods]

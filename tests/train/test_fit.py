@@ -210,3 +210,49 @@ def test_unknown_device_and_model(cli, tmp_path):
     assert code == 2 and "did you mean gtx750-1gb" in err
     code, _, err = cli("fit", "--model", "resnet", "--out", str(tmp_path / "y"))
     assert code == 2 and "unknown model 'resnet'" in err
+
+
+def test_plan_file_round_trip_and_bad_plan(tmp_path, cli):
+    out = tmp_path / "a"
+    fit(
+        FitConfig(
+            device=_tiny_profile(tmp_path, 36),
+            out=str(out),
+            epochs=1,
+            max_steps=1,
+            **dict(SMALL, input_size=32, batch_size=64),
+        )
+    )
+    plan = out / "plan.yaml"
+    assert "checkpoint" in plan.read_text() and "version: 1" in plan.read_text()
+    r = fit(FitConfig(device="cpu", plan=str(plan), out=str(tmp_path / "b"), epochs=1, max_steps=1, **SMALL))
+    assert r["methods"] == ["checkpoint"]
+    plan.write_text("version: 1\nmethods: [compres]\n")
+    code, _, err = cli("fit", "--device", "cpu", "--plan", str(plan), "--out", str(tmp_path / "c"), "--json")
+    assert code == 2 and "unknown method 'compres'" in err
+    code, _, err = cli(
+        "fit", "--device", "cpu", "--plan", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "d"), "--json"
+    )
+    assert code == 2 and "no such file" in err
+
+
+def test_cifar10_python_batches(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from edgetrain.train.data import load_data
+
+    rng = np.random.default_rng(0)
+    for name, n in (("data_batch_1", 40), ("test_batch", 20)):
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(
+                {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, n))}, f
+            )
+    d = load_data(str(tmp_path), 32)
+    assert len(d.train) == 40 and len(d.test) == 20 and d.classes[0] == "airplane"
+    x, y = d.train[0]
+    assert x.shape == (3, 32, 32) and 0 <= int(y) < 10
+    (tmp_path / "test_batch").write_bytes(b"truncated")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_data(str(tmp_path), 32)
