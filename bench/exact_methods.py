@@ -161,13 +161,20 @@ def _plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=("depth", "resnet18", "estimate", "accuracy"), help="run one table")
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     torch.manual_seed(0)
-    result = {"depth": depth_table(), "resnet18": resnet_table(args.quick), "estimate": estimate_table(),
-              "accuracy": accuracy_table([0] if args.quick else [0, 1, 2], 3 if args.quick else 8)}  # fmt: skip
-    (OUT / "exact_methods.json").write_text(json.dumps(result, indent=1, default=str))
-    _plot(result["depth"], OUT / "reversible_depth.png")
+    tables = {
+        "depth": depth_table,
+        "resnet18": lambda: resnet_table(args.quick),
+        "estimate": estimate_table,
+        "accuracy": lambda: accuracy_table([0] if args.quick else [0, 1, 2], 3 if args.quick else 8),
+    }
+    result = {name: fn() for name, fn in tables.items() if args.only in (None, name)}
+    (OUT / f"exact_methods{'_' + args.only if args.only else ''}.json").write_text(json.dumps(result, indent=1, default=str))
+    if "depth" in result:
+        _plot(result["depth"], OUT / "reversible_depth.png")
 
 
 if __name__ == "__main__":
