@@ -172,7 +172,9 @@ def main() -> None:
         "accuracy": lambda: accuracy_table([0] if args.quick else [0, 1, 2], 3 if args.quick else 8),
     }
     result = {name: fn() for name, fn in tables.items() if args.only in (None, name)}
-    (OUT / f"exact_methods{'_' + args.only if args.only else ''}.json").write_text(json.dumps(result, indent=1, default=str))
+    (OUT / f"exact_methods{'_' + args.only if args.only else ''}.json").write_text(
+        json.dumps(result, indent=1, default=str)
+    )
     if "depth" in result:
         _plot(result["depth"], OUT / "reversible_depth.png")
 

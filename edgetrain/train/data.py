@@ -136,9 +136,14 @@ def image_folder(path: Path, size: int, seed: int, max_bad_fraction: float = 0.1
     return data
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random translation by up to `pad` pixels (pad-and-crop), per batch: (N, C, H, W)."""
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = False) -> torch.Tensor:
+    """Random translation by up to `pad` pixels (pad-and-crop) per batch, and, for natural
+    images (not digits: a mirrored 2 is no 2), a random horizontal flip per image. (N, C, H, W)"""
     n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
     dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
-    return padded[:, :, dy : dy + h, dx : dx + w]
+    x = padded[:, :, dy : dy + h, dx : dx + w]
+    if flip:
+        mirror = torch.rand(n, generator=generator) < 0.5  # (N,)
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x

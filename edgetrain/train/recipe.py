@@ -146,7 +146,8 @@ class Recipe:
             if i < self.step_in_epoch:
                 continue  # resumed mid-epoch: same order, skip what was done
             loss = self._step(
-                augment(x, self.aug_gen).to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True)
+                augment(x, self.aug_gen, flip=self.cfg.data != "digits").to(self.dev, non_blocking=True),
+                y.to(self.dev, non_blocking=True),
             )
             self.step_in_epoch, self.step = i + 1, self.step + 1
             self.history.append(
