@@ -32,7 +32,9 @@ class Fit(Verb):
             "--method", action="append", default=[], metavar="SPEC", help="force methods instead of planning"
         )
         p.add_argument("--plan", metavar="YAML", help="use this plan file (e.g. an earlier run's plan.yaml)")
-        p.add_argument("--out", default="runs/last", help="run directory (checkpoints, metrics, report, plots)")
+        p.add_argument(
+            "--out", default="", help="run directory (default runs/<date-time>; runs/last points at the newest)"
+        )
         p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
         p.add_argument("--ckpt-every", type=int, default=20, help="steps between checkpoints")
         add_json(p)

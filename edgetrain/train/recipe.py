@@ -9,6 +9,7 @@ bit-for-bit on a CPU (model, optimizer, scheduler, RNG, data order and position)
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import statistics
@@ -46,7 +47,7 @@ class FitConfig:
     lr: float = 0.05
     optimizer: str = "sgd"
     seed: int = 0
-    out: str = "runs/last"
+    out: str = ""  # run directory; empty: runs/<date-time>, with runs/last pointing at it
     methods: list[str] = field(default_factory=list)  # forced methods; empty: planned
     plan: str | None = None  # a plan file (from an earlier run's plan.yaml) instead of planning
     ckpt_every: int = 20  # steps between checkpoints (and at every epoch end)
@@ -69,6 +70,11 @@ class Recipe:
     """One training run. `run()` = setup, train, cleanup; state lives in the run directory."""
 
     def __init__(self, cfg: FitConfig, resume: bool = False):
+        if not cfg.out:
+            base, k = time.strftime("runs/%Y%m%d-%H%M%S"), 2
+            cfg.out = base
+            while Path(cfg.out).exists():
+                cfg.out, k = f"{base}-{k}", k + 1
         self.cfg, self.resume = cfg, resume
         self.out = Path(cfg.out)
         self.stop_signal: int | None = None
@@ -105,6 +111,8 @@ class Recipe:
         if state is not None:
             self._restore(state)
         self.out.mkdir(parents=True, exist_ok=True)
+        if not self.resume:
+            _point_last_at(self.out)
 
     def _plan(self, forced: list[str]) -> list[str]:
         shape = self.data.input_shape
@@ -276,6 +284,17 @@ class Recipe:
 def fit(cfg: FitConfig | None = None, resume: bool = False, **kwargs: Any) -> dict[str, Any]:
     """Plan, apply and train; returns the report (also written to `<out>/report.json`)."""
     return Recipe(cfg or FitConfig(**kwargs), resume=resume).run()
+
+
+def _point_last_at(run: Path) -> None:
+    """`<parent>/last` -> this run (replaced atomically), so `--resume runs/last` finds it."""
+    last = run.parent / "last"
+    if run.name == "last" or (last.exists() and not last.is_symlink()):
+        return
+    tmp = run.parent / ".last.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run.name)
+    os.replace(tmp, last)
 
 
 def _seed_everything(seed: int) -> None:

@@ -256,3 +256,14 @@ def test_cifar10_python_batches(tmp_path):
     (tmp_path / "test_batch").write_bytes(b"truncated")
     with pytest.raises(ConfigError, match="cannot be read"):
         load_data(str(tmp_path), 32)
+
+
+def test_default_run_dirs_and_runs_last(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fit(FitConfig(device="cpu", epochs=1, max_steps=1, **SMALL))
+    fit(FitConfig(device="cpu", epochs=1, max_steps=1, **SMALL))
+    runs = sorted(p for p in (tmp_path / "runs").iterdir() if p.name != "last")
+    assert len(runs) == 2 and all((r / "report.json").is_file() for r in runs)
+    assert (tmp_path / "runs/last").resolve() == runs[-1].resolve()
+    r = fit(FitConfig(device="cpu", out="runs/last", quiet=True), resume=True)
+    assert r["steps"] == 44  # the stopped run goes on to the end of its one epoch
