@@ -60,7 +60,7 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     ax2.set_ylabel("test accuracy")
     ax2.set_ylim(0, 1)
     ax.set_title(title)
-    fig.legend(loc="center right")
+    fig.legend(loc="upper center", ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
