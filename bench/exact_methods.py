@@ -8,13 +8,15 @@ medians of repeated steps on this CPU):
  2. resnet18 at CIFAR (32 px) and ImageNet (224 px) shapes: plain vs checkpoint vs bf16 vs
     micro-batching, peak and step time as ratios to plain;
  3. each method's estimate (fake tensors) vs its measurement;
- 4. digits accuracy: reversible net vs the same net with stored activations (fixed seeds).
+ 4. digits accuracy: reversible net vs the same net with stored activations (fixed seeds);
+ 5. numerical drift of the reconstruction along long chains, fp32 / bf16 / fp16.
 Writes bench/out/exact_methods.json and bench/out/reversible_depth.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import statistics
@@ -56,6 +58,29 @@ def depth_table(batch: int = 64) -> list[dict]:
         print(f"{r['blocks']:>6} {s['activation_peak'] / MiB:>15.1f} {r['activation_peak'] / MiB:>19.1f} "
               f"{r['bytes_per_pixel']:>14.0f} {growth:>16}")  # fmt: skip
     print("   paper (Hascoet et al. 2019): 352 bytes per input pixel for the whole step's activations")
+    return rows
+
+
+def drift_table() -> list[dict]:
+    """Reconstruction error along long chains of couplings, in training mode, by precision."""
+    from edgetrain.methods.checkpoint import frozen_bn_stats
+    from edgetrain.methods.reversible import Coupling, ReversibleSequence, residual_fn
+
+    print("\n5. reversible drift: max |x - inverse(forward(x))| over a chain's block inputs (16 ch, 32x32, b16);")
+    print("   the chain in fp32, F and G under autocast as in training; |x| is about 1 at the start")
+    print(f"{'blocks':>6} {'fp32':>10} {'bf16':>10} {'fp16':>10}")
+    rows = []
+    for n in (8, 32, 128):
+        torch.manual_seed(0)
+        seq = ReversibleSequence([Coupling(residual_fn(8, 8), residual_fn(8, 8)) for _ in range(n)])
+        x = torch.randn(16, 16, 32, 32)
+        row = {"blocks": n}
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            m = copy.deepcopy(seq)  # as training runs it: fp32 chain, F/G under autocast
+            with frozen_bn_stats(m), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                row[name] = max(m.reconstruction_errors(x))
+        rows.append(row)
+        print(f"{n:>6} {row['fp32']:>10.2e} {row['bf16']:>10.2e} {row['fp16']:>10.2e}")
     return rows
 
 
@@ -161,7 +186,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=("depth", "resnet18", "estimate", "accuracy"), help="run one table")
+    ap.add_argument("--only", choices=("depth", "resnet18", "estimate", "accuracy", "drift"), help="run one table")
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     torch.manual_seed(0)
@@ -170,6 +195,7 @@ def main() -> None:
         "resnet18": lambda: resnet_table(args.quick),
         "estimate": estimate_table,
         "accuracy": lambda: accuracy_table([0] if args.quick else [0, 1, 2], 3 if args.quick else 8),
+        "drift": drift_table,
     }
     result = {name: fn() for name, fn in tables.items() if args.only in (None, name)}
     (OUT / f"exact_methods{'_' + args.only if args.only else ''}.json").write_text(
