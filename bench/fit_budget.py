@@ -35,7 +35,8 @@ def main() -> None:
                         lr=args.lr, out=str(OUT / "runs" / f"budget-{device}-{int(time.time())}"), quiet=True)  # fmt: skip
         r = fit(cfg)
         rows.append({"device": device, "methods": "+".join(r["methods"]) or "plain", "accuracy": r["test_accuracy"],
-                     "predicted_peak": r["predicted_device_bytes"], "measured_peak": r["measured_peak_bytes"],
+                     "predicted_peak": r["predicted_peak_bytes"], "predicted_device": r["predicted_device_bytes"],
+                     "measured_peak": r["measured_peak_bytes"],
                      "budget": r["budget_bytes"], "seconds": time.perf_counter() - t0})  # fmt: skip
     mib = 2**20
     print(f"{args.model} b{args.batch} {args.size}px, {args.epochs} epochs on digits")
