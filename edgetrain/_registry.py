@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 from edgetrain.errors import UnknownNameError
@@ -21,12 +21,6 @@ class Registry(Generic[T]):
     def register(self, name: str, entry: T) -> T:
         self._entries[name] = entry
         return entry
-
-    def decorator(self, name: str | None = None) -> Callable[[T], T]:
-        def wrap(entry: T) -> T:
-            return self.register(name or entry.__name__, entry)  # type: ignore[attr-defined]
-
-        return wrap
 
     def get(self, name: str) -> T:
         try:

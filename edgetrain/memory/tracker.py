@@ -182,12 +182,6 @@ class MemoryTracker(TorchDispatchMode):
         finally:
             self.phase = prev
 
-    def live_by_category(self) -> dict[str, int]:
-        out = dict.fromkeys(CATEGORIES, 0)
-        for rid in self._rid.values():
-            out[self._records[rid].category] += self._records[rid].nbytes
-        return out
-
     def report(self) -> MemoryReport:
         """Peak and its make-up, with categories as finally labelled."""
         peak, at = self._peak

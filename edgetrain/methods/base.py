@@ -28,9 +28,6 @@ class MethodConfig:
     risk: ClassVar[int] = 0
     help: ClassVar[str] = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, **dataclasses.asdict(self)}
-
 
 class MethodHandler:
     """How a method acts. Defaults: no module replaced, step unchanged."""
@@ -94,14 +91,6 @@ def parse_spec(spec: str) -> MethodConfig:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"method spec '{spec}': {e}") from None
-
-
-def config_from_dict(data: dict[str, Any]) -> MethodConfig:
-    """Inverse of `MethodConfig.to_dict` (plan files)."""
-    _load_builtin()
-    data = dict(data)
-    cls = METHODS.get(str(data.pop("method", "?"))).config_type
-    return cls(**data)
 
 
 def describe_methods() -> list[dict[str, Any]]:
