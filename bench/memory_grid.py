@@ -1,6 +1,6 @@
 """Memory model accuracy: predicted vs measured peak over a grid of models, batches and sizes.
 
-    .venv/bin/python bench/memory_grid.py [--quick] [--method SPEC]...
+    .venv/bin/python bench/memory_grid.py [--quick] [--method SPEC]... [--device PROFILE]
 
 Each case is predicted with fake tensors here and measured in a fresh process (one real
 training step, SGD with momentum). Prints a table and writes bench/out/memory_grid.{json,png}.
@@ -25,6 +25,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small grid (about a minute)")
     ap.add_argument("--method", action="append", default=[], help="method spec applied to every case")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="profile; a CUDA one measures on the GPU (run `edgetrain profile --save` there first)",
+    )
     args = ap.parse_args()
     grid = QUICK if args.quick else GRID
     rows = []
@@ -32,7 +37,7 @@ def main() -> None:
         for b in grid["batches"]:
             for s in grid["sizes"]:
                 t0 = time.perf_counter()
-                r = compare_case(model, b, s, args.method)
+                r = compare_case(model, b, s, args.method, device=args.device)
                 r["seconds"] = time.perf_counter() - t0
                 rows.append(r)
                 print(_fmt(r), flush=True)
