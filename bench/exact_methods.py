@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from edgetrain.memory.measure import StepSpec, tracked_step
-from edgetrain.memory.predict import estimate, prepare
+from edgetrain.memory.predict import estimate
 from edgetrain.memory.tracker import ACTIVATION_MEMORY
-from edgetrain.methods.base import step_settings_for
+from edgetrain.methods.base import prepare
 from edgetrain.models import create_model
 from edgetrain.models.revnet import RevNet
 from edgetrain.train.recipe import FitConfig, fit
@@ -85,8 +85,7 @@ def drift_table() -> list[dict]:
 
 
 def _time_steps(model, spec: StepSpec, methods: list[str], repeat: int) -> tuple[int, float]:
-    m, configs = prepare(model, methods)
-    settings = step_settings_for(configs)
+    m, _, settings = prepare(model, methods)
     rep = tracked_step(m, dataclasses.replace(spec, settings=settings), fake=False)
     opt = make_optimizer("sgd", m.parameters())
     x, y = torch.randn(spec.batch_size, *spec.input_shape), torch.randint(0, 10, (spec.batch_size,))
@@ -136,10 +135,8 @@ def estimate_table() -> list[dict]:
                 continue
             model = create_model(name)
             pred = estimate(model, (3, s, s), b, methods=spec).predicted["peak_total_bytes"]
-            m, configs = prepare(model, spec)
-            meas = tracked_step(
-                m, StepSpec((3, s, s), b, 10, settings=step_settings_for(configs)), fake=False
-            ).peak_bytes
+            m, _, settings = prepare(model, spec)
+            meas = tracked_step(m, StepSpec((3, s, s), b, 10, settings=settings), fake=False).peak_bytes
             rows.append({"model": name, "method": "+".join(spec) or "plain", "predicted": pred, "measured": meas})
             print(
                 f"   {name:<15} {rows[-1]['method']:<24} {pred / MiB:8.1f} / {meas / MiB:8.1f} MiB ({pred / meas - 1:+.2%})"

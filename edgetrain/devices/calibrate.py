@@ -82,42 +82,44 @@ def _median_time(fn, device: str, repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-_OVERHEAD_SCRIPT = r"""
-import json, psutil
-from edgetrain.memory.allocator import pin_malloc_policy
-from edgetrain.memory.probe import peak_rss_bytes
-pin_malloc_policy()
-import torch, torchvision
-framework = psutil.Process().memory_info().rss
-from edgetrain.memory.measure import StepSpec, tracked_step
-from edgetrain.models import create_model
-model = create_model("cifar_resnet8")
-base = psutil.Process().memory_info().rss
-report = tracked_step(model, StepSpec((3, 64, 64), 64, 10), fake=False, inplace=True)
-peak = peak_rss_bytes()
-out = {"framework": framework, "workspace": max(0, peak - base - report.peak_bytes)}
-if torch.cuda.is_available():  # the context's cost: device memory used before/after creating it
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(0)
-        used0 = pynvml.nvmlDeviceGetMemoryInfo(h).used
-        torch.zeros(1, device="cuda")
-        out["cuda_context"] = pynvml.nvmlDeviceGetMemoryInfo(h).used - used0
-    except Exception:  # NVML absent or NOT_SUPPORTED (Jetson): the process's RSS grows instead
-        rss0 = psutil.Process().memory_info().rss
-        torch.zeros(1, device="cuda")
-        out["cuda_context"] = psutil.Process().memory_info().rss - rss0
-print(json.dumps(out))
+_CONTEXT_SCRIPT = r"""
+import json, psutil, torch
+try:  # device memory used before/after creating the context
+    import pynvml
+    pynvml.nvmlInit()
+    h = pynvml.nvmlDeviceGetHandleByIndex(0)
+    used0 = pynvml.nvmlDeviceGetMemoryInfo(h).used
+    torch.zeros(1, device="cuda")
+    print(json.dumps(pynvml.nvmlDeviceGetMemoryInfo(h).used - used0))
+except Exception:  # NVML absent or NOT_SUPPORTED (Jetson): the process's RSS grows instead
+    rss0 = psutil.Process().memory_info().rss
+    torch.zeros(1, device="cuda")
+    print(json.dumps(psutil.Process().memory_info().rss - rss0))
 """
+
+# A small real step measured by the same fresh-process probe as `estimate --measure`.
+_WORKSPACE_STEP = {
+    "model": "cifar_resnet8",
+    "num_classes": 10,
+    "input_shape": [3, 64, 64],
+    "batch_size": 64,
+    "optimizer": "sgd",
+}
 
 
 def measure_overheads() -> dict[str, int]:
-    """Framework RSS and runtime workspace, measured in a fresh process (so nothing else counts)."""
-    out = subprocess.run([sys.executable, "-c", _OVERHEAD_SCRIPT], capture_output=True, text=True, timeout=300)
-    if out.returncode != 0:
-        raise RuntimeError(f"overhead probe failed: {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Framework RSS, runtime workspace (peak RSS beyond framework and tensors) and, with a GPU,
+    the CUDA context, each measured in a fresh process (so nothing else counts)."""
+    from edgetrain.memory.probe import measure_in_subprocess
+
+    m = measure_in_subprocess(_WORKSPACE_STEP)
+    out = {"framework": m["framework_bytes"],
+           "workspace": max(0, m["peak_rss_bytes"] - m["framework_bytes"] - m["peak_total_bytes"])}  # fmt: skip
+    if torch.cuda.is_available():
+        r = subprocess.run([sys.executable, "-c", _CONTEXT_SCRIPT], capture_output=True, text=True, timeout=300)
+        if r.returncode == 0:
+            out["cuda_context"] = int(json.loads(r.stdout.strip().splitlines()[-1]))
+    return out
 
 
 def cached_overheads() -> dict[str, int]:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from edgetrain.memory.tracker import MemoryTracker
-from edgetrain.train.step import _state_tensors
+from edgetrain.train.step import optimizer_state_tensors
 
 
 def tensor_budget(profile) -> int:
@@ -34,7 +34,7 @@ class BudgetGuard(MemoryTracker):
 
     def __init__(
         self,
-        budget_bytes: int,
+        budget_bytes: int | None,
         model: nn.Module | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         tensors: Iterable[torch.Tensor] = (),
@@ -50,6 +50,6 @@ class BudgetGuard(MemoryTracker):
             self.track(model.buffers(), "parameters")
             self.track((p.grad for p in model.parameters()), "gradients")
         if optimizer is not None:
-            self.track(_state_tensors(optimizer), "optimizer")
+            self.track(optimizer_state_tensors(optimizer), "optimizer")
         self.track(tensors, "inputs")
         return super().__enter__()

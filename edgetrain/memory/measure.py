@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from edgetrain.memory.tracker import MemoryReport, MemoryTracker
-from edgetrain.train.step import StepSettings, _state_tensors, make_optimizer, train_step
+from edgetrain.memory.guard import BudgetGuard
+from edgetrain.memory.tracker import MemoryReport
+from edgetrain.train.step import StepSettings, make_optimizer, train_step
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,7 @@ def tracked_step(
         y = torch.randint(0, spec.num_classes, (spec.batch_size,), device=device)
         if warmup:
             train_step(m, x, y, opt, spec.settings)
-        tracker = MemoryTracker(budget_bytes=budget_bytes, round_to=round_to)
-        tracker.track(m.parameters(), "parameters")
-        tracker.track(m.buffers(), "parameters")
-        tracker.track(_state_tensors(opt), "optimizer")
-        tracker.track((x, y), "inputs")
-        with tracker:
+        with BudgetGuard(budget_bytes, m, opt, (x, y), round_to) as tracker:
             train_step(m, x, y, opt, spec.settings, tracker=tracker)
         return tracker.report()
 

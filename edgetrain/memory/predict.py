@@ -9,7 +9,6 @@ shows (process level: RSS on a CPU or a Jetson, reserved + context on a discrete
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,7 @@ from edgetrain.errors import BudgetError, ConfigError
 from edgetrain.memory.allocator import device_peak_bytes
 from edgetrain.memory.measure import StepSpec, tracked_step
 from edgetrain.memory.tracker import MemoryReport
-from edgetrain.methods.base import MethodConfig, apply_method_, parse_spec, step_settings_for
+from edgetrain.methods.base import MethodConfig, prepare
 
 
 @dataclass
@@ -54,15 +53,6 @@ class Estimate:
         return out
 
 
-def prepare(model: nn.Module, methods: list[MethodConfig | str]) -> tuple[nn.Module, list[MethodConfig]]:
-    """A copy of `model` with `methods` applied (specs are parsed); the original is untouched."""
-    configs = [parse_spec(m) if isinstance(m, str) else m for m in methods]
-    model = copy.deepcopy(model) if configs else model
-    for c in configs:
-        apply_method_(model, c)
-    return model, configs
-
-
 def estimate(
     model: nn.Module,
     input_shape: tuple[int, int, int],
@@ -79,10 +69,8 @@ def estimate(
     budget = profile.usable_memory_bytes if profile else None
     if profile is not None:
         _check_budget(model, budget, profile)
-    prepared, configs = prepare(model, list(methods))
-    spec = StepSpec(
-        tuple(input_shape), batch_size, num_classes or _num_classes(model), optimizer, step_settings_for(configs)
-    )
+    prepared, configs, settings = prepare(model, list(methods))
+    spec = StepSpec(tuple(input_shape), batch_size, num_classes or _num_classes(model), optimizer, settings)
     report = _fake_step(prepared, spec, name)
     predicted = summarize(report, profile)
     return Estimate(

@@ -38,16 +38,12 @@ def _main(req: dict[str, Any]) -> dict[str, Any]:
     framework = psutil.Process().memory_info().rss
     from edgetrain.memory.measure import StepSpec
     from edgetrain.memory.measure import tracked_step as step
-    from edgetrain.memory.predict import prepare
+    from edgetrain.methods.base import prepare
     from edgetrain.models import create_model
-    from edgetrain.train.step import StepSettings
 
     torch.manual_seed(0)
     cuda = req.get("cuda", False) and torch.cuda.is_available()
-    model, configs = prepare(create_model(req["model"], req["num_classes"]), req.get("methods", []))
-    from edgetrain.methods.base import step_settings_for
-
-    settings = step_settings_for(configs, StepSettings())
+    model, _, settings = prepare(create_model(req["model"], req["num_classes"]), req.get("methods", []))
     spec = StepSpec(tuple(req["input_shape"]), req["batch_size"], req["num_classes"], req["optimizer"], settings)
     if cuda:
         model = model.cuda()

@@ -8,6 +8,7 @@ by running it; a handler whose memory cannot be seen that way overrides `estimat
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 from dataclasses import dataclass
@@ -121,6 +122,19 @@ def apply_method_(model: nn.Module, config: MethodConfig, layers: str = "*") -> 
                 _set_submodule(model, name, new)
             done.append(name)
     return done
+
+
+def prepare(
+    model: nn.Module, methods: list[MethodConfig | str], inplace: bool = False
+) -> tuple[nn.Module, list[MethodConfig], StepSettings]:
+    """Apply `methods` (configs or specs) to a copy of `model`, or to `model` itself when
+    `inplace`; returns the model, the parsed configs and the step settings they imply."""
+    configs = [parse_spec(m) if isinstance(m, str) else m for m in methods]
+    if configs and not inplace:
+        model = copy.deepcopy(model)
+    for c in configs:
+        apply_method_(model, c)
+    return model, configs, step_settings_for(configs)
 
 
 def step_settings_for(configs: list[MethodConfig], settings: StepSettings | None = None) -> StepSettings:

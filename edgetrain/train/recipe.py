@@ -25,7 +25,7 @@ import torch
 from edgetrain.devices.store import get_device
 from edgetrain.errors import ConfigError, EdgeOOMError, EdgetrainError
 from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
-from edgetrain.methods.base import apply_method_, parse_spec, step_settings_for
+from edgetrain.methods.base import prepare
 from edgetrain.models import create_model
 from edgetrain.plan import choose, load_plan, save_plan
 from edgetrain.train import checkpoint as ckpt
@@ -126,10 +126,7 @@ class Recipe:
         return choice.methods
 
     def _apply(self, methods: list[str]) -> None:
-        configs = [parse_spec(m) for m in methods]
-        for c in configs:
-            apply_method_(self.model, c)
-        self.settings = step_settings_for(configs)
+        _, _, self.settings = prepare(self.model, methods, inplace=True)
         self.scaler = torch.amp.GradScaler(self.dev.type) if self.settings.precision == "fp16" else None
         # on the device itself real OOMs guard the run; elsewhere the guard plays the device
         self.guarded = GUARDED_STEPS if self.dev.type == "cpu" else 0

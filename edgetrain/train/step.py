@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +51,6 @@ def train_step(
     settings: StepSettings = StepSettings(),
     tracker: MemoryTracker | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Forward, backward (accumulated over micro-batches) and optimizer step; returns the loss.
 
@@ -64,8 +63,6 @@ def train_step(
     for xc, yc in zip(x.chunk(chunks), y.chunk(chunks), strict=True):
         with tr.in_phase("forward"), _autocast(x, settings.precision):
             loss = nn.functional.cross_entropy(model(xc), yc) * (xc.shape[0] / x.shape[0])
-            if extra_loss is not None:
-                loss = loss + extra_loss(model) / chunks
         tr.label_live("activations", "forward")
         with tr.in_phase("backward"):
             (scaler.scale(loss) if scaler else loss).backward()
@@ -77,12 +74,13 @@ def train_step(
             scaler.update()
         else:
             optimizer.step()
-    tr.track(_state_tensors(optimizer), "optimizer")
+    tr.track(optimizer_state_tensors(optimizer), "optimizer")
     optimizer.zero_grad(set_to_none=True)
     return total
 
 
-def _state_tensors(optimizer: torch.optim.Optimizer):
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer):
+    """The tensors an optimizer keeps between steps (momentum, Adam moments)."""
     for state in optimizer.state.values():
         for v in state.values():
             if isinstance(v, torch.Tensor):
@@ -91,8 +89,6 @@ def _state_tensors(optimizer: torch.optim.Optimizer):
 
 class _NullTracker:
     def in_phase(self, name: str):
-        import contextlib
-
         return contextlib.nullcontext()
 
     def label_live(self, *a) -> None:
