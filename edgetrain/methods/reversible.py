@@ -55,22 +55,11 @@ class Coupling(nn.Module):
         F's, never both; F and G run once each. `y` and `dy` are overwritten in place with the
         block's input and its gradient (the caller owns them), so no full-size copy is made.
         Adds parameter gradients to `grads`; returns (x, dx)."""
-        y1, y2 = y.chunk(2, dim=1)  # views: y1 stays, y2 becomes x2
+        y1, y2 = y.chunk(2, dim=1)  # views: y1 stays until last, y2 becomes x2
         dy1, dy2 = dy.chunk(2, dim=1)  # views: dy1 becomes dL/dx1, dy2 becomes dL/dx2
         sf, sg = self._states or (None, None)
-        z1 = y1.detach().requires_grad_(True)
-        with torch.enable_grad(), _rng(sg):
-            gz = self.g(z1)
-        dy1.add_(_grad(gz, z1, self.g, dy2, grads))  # dL/dy1: direct, plus through y2 = x2 + G(y1)
-        with torch.no_grad():
-            y2.sub_(gz)  # x2 = y2 - G(y1)
-        del gz, z1
-        x2g = y2.detach().requires_grad_(True)
-        with torch.enable_grad(), _rng(sf):
-            fx = self.f(x2g)
-        dy2.add_(_grad(fx, x2g, self.f, dy1, grads))  # dL/dx2: direct, plus through y1 = x1 + F(x2)
-        with torch.no_grad():
-            y1.sub_(fx)  # x1 = y1 - F(x2)
+        _undo_half(self.g, y1, y2, dy2, dy1, sg, grads)  # x2 = y2 - G(y1); dL/dy1 += G'(y1)^T dy2
+        _undo_half(self.f, y2, y1, dy1, dy2, sf, grads)  # x1 = y1 - F(x2); dL/dx2 += F'(x2)^T dL/dy1
         return y, dy
 
     def inverse(self, y):  # (N, C, H, W) -> (N, C, H, W); dropout replays the forward's masks
@@ -146,6 +135,17 @@ class _RevChain(torch.autograd.Function):
         if ctx.check:
             seq._record_errors(errors)
         return (dy, None, *(grads.get(p) for p in seq._params()))
+
+
+def _undo_half(fn: nn.Module, inp, out, dout, dinp, rng_state, grads: dict) -> None:
+    """One half of a coupling in reverse, in place: out -= fn(inp); dinp += d fn(inp)/d inp . dout.
+    fn's graph lives only inside this call."""
+    z = inp.detach().requires_grad_(True)
+    with torch.enable_grad(), _rng(rng_state):
+        h = fn(z)
+    dinp.add_(_grad(h, z, fn, dout, grads))
+    with torch.no_grad():
+        out.sub_(h)
 
 
 def _grad(out, inp, module: nn.Module, dout, grads: dict) -> torch.Tensor:
