@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from edgetrain import plan  # noqa: E402 - callable: edgetrain.plan(model, ...)
 from edgetrain.devices.profile import DeviceProfile, load_profile
 from edgetrain.devices.store import get_device, list_devices
 from edgetrain.errors import BudgetError, ConfigError, EdgeOOMError, EdgetrainError, ProfileError
@@ -16,6 +17,7 @@ from edgetrain.memory.predict import Estimate, estimate
 from edgetrain.memory.tracker import MemoryTracker
 from edgetrain.methods.base import apply_method_, list_methods, parse_spec
 from edgetrain.models import create_model, list_models
+from edgetrain.plan import Plan, apply_plan_
 
 
 def profile_device(name: str | None = None, quick: bool = False) -> DeviceProfile:
@@ -27,6 +29,6 @@ def profile_device(name: str | None = None, quick: bool = False) -> DeviceProfil
 
 __all__ = [
     "BudgetError", "BudgetGuard", "ConfigError", "DeviceProfile", "EdgeOOMError", "EdgetrainError", "Estimate",
-    "MemoryTracker", "ProfileError", "apply_method_", "create_model", "estimate", "get_device", "list_devices",
+    "MemoryTracker", "Plan", "ProfileError", "apply_method_", "apply_plan_", "plan", "create_model", "estimate", "get_device", "list_devices",
     "list_methods", "list_models", "load_profile", "parse_spec", "profile_device",
 ]  # fmt: skip

@@ -31,6 +31,7 @@ class Fit(Verb):
         p.add_argument(
             "--method", action="append", default=[], metavar="SPEC", help="force methods instead of planning"
         )
+        p.add_argument("--prefer", choices=("speed", "accuracy"), default="speed", help="the planner's objective")
         p.add_argument("--plan", metavar="YAML", help="use this plan file (e.g. an earlier run's plan.yaml)")
         p.add_argument(
             "--out", default="", help="run directory (default runs/<date-time>; runs/last points at the newest)"
@@ -45,14 +46,14 @@ class Fit(Verb):
         cfg = FitConfig(
             device=args.device, model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
             input_size=args.input_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
-            out=args.resume or args.out, methods=args.method, plan=args.plan, ckpt_every=args.ckpt_every, quiet=args.json,
+            out=args.resume or args.out, methods=args.method, plan=args.plan, prefer=args.prefer, ckpt_every=args.ckpt_every, quiet=args.json,
         )  # fmt: skip
         report = fit(cfg, resume=bool(args.resume))
         if args.json:
             print_json(report)
         else:
             mib = 2**20
-            print(f"{report['model']} on {report['device']} ({'+'.join(report['methods']) or 'plain'}): "
+            print(f"{report['model']} on {report['device']} ({report['plan']}): "
                   f"test accuracy {report['test_accuracy']:.2%}; peak {report['measured_peak_bytes'] / mib:.0f} MiB "
                   f"measured / {report['predicted_peak_bytes'] / mib:.0f} MiB predicted, budget "
                   f"{report['budget_bytes'] / mib:.0f} MiB; run in {cfg.out}")  # fmt: skip

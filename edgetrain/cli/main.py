@@ -11,10 +11,11 @@ from edgetrain.cli.estimate import Estimate
 from edgetrain.cli.fit import Fit
 from edgetrain.cli.methods import Methods
 from edgetrain.cli.models import Models
+from edgetrain.cli.plan import PlanVerb
 from edgetrain.cli.profile import Profile
 from edgetrain.errors import EdgetrainError
 
-VERBS: list[Verb] = [Devices(), Profile(), Models(), Methods(), Estimate(), Fit()]
+VERBS: list[Verb] = [Devices(), Profile(), Models(), Methods(), Estimate(), PlanVerb(), Fit()]
 
 
 def build_parser() -> argparse.ArgumentParser:

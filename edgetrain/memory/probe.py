@@ -43,7 +43,13 @@ def _main(req: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(0)
     cuda = req.get("cuda", False) and torch.cuda.is_available()
-    model, _, settings = prepare(create_model(req["model"], req["num_classes"]), req.get("methods", []))
+    model = create_model(req["model"], req["num_classes"])
+    if req.get("plan"):
+        from edgetrain.plan.plan import Plan, apply_plan_
+
+        settings = apply_plan_(model, Plan.from_dict(req["plan"]))
+    else:
+        model, _, settings = prepare(model, req.get("methods", []))
     spec = StepSpec(tuple(req["input_shape"]), req["batch_size"], req["num_classes"], req["optimizer"], settings)
     if cuda:
         model = model.cuda()

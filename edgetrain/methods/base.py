@@ -144,6 +144,21 @@ def step_settings_for(configs: list[MethodConfig], settings: StepSettings | None
     return settings
 
 
+_SWAPPED: dict[tuple[type, type], type] = {}
+
+
+def swap_class_(module: nn.Module, mixin: type) -> nn.Module:
+    """Put `mixin` in front of `module`'s class (in place): behaviour changes, parameter names
+    and state dicts do not. Swapping twice with the same mixin is a no-op."""
+    cls = type(module)
+    if issubclass(cls, mixin):
+        return module
+    if (mixin, cls) not in _SWAPPED:
+        _SWAPPED[(mixin, cls)] = type(f"{mixin.__name__.strip('_')}{cls.__name__}", (mixin, cls), {})
+    module.__class__ = _SWAPPED[(mixin, cls)]
+    return module
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -168,4 +183,4 @@ def _coerce(value: str, typ: Any, spec: str, key: str) -> Any:
 
 def _load_builtin() -> None:
     """Import the built-in method modules so that they register (once)."""
-    from edgetrain.methods import checkpoint, freeze, precision, reversible  # noqa: F401
+    from edgetrain.methods import checkpoint, compress, freeze, precision, reversible  # noqa: F401

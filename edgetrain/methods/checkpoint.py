@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from edgetrain.methods.base import MethodConfig, MethodHandler, register_method
+from edgetrain.methods.base import MethodConfig, MethodHandler, register_method, swap_class_
 
 # Residual blocks of torchvision's and edgetrain's models: the natural checkpoint unit.
 BLOCK_TYPES = ("BasicBlock", "Bottleneck", "InvertedResidual", "Conv2dNormActivation")
@@ -60,17 +60,6 @@ class _Checkpointed:
         return checkpoint(super().forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
 
-_CLASSES: dict[type, type] = {}
-
-
-def checkpointed_class(cls: type) -> type:
-    if issubclass(cls, _Checkpointed):
-        return cls
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (_Checkpointed, cls), {})
-    return _CLASSES[cls]
-
-
 class CheckpointHandler(MethodHandler):
     config_type = CheckpointConfig
 
@@ -89,8 +78,7 @@ class CheckpointHandler(MethodHandler):
     def apply(self, module: nn.Module, config: MethodConfig) -> nn.Module:
         if isinstance(module, nn.Sequential):
             return _checkpoint_stage(module)
-        module.__class__ = checkpointed_class(type(module))
-        return module
+        return swap_class_(module, _Checkpointed)
 
 
 class _CheckpointedStage(nn.Sequential):

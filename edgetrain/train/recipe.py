@@ -25,9 +25,8 @@ import torch
 from edgetrain.devices.store import get_device
 from edgetrain.errors import ConfigError, EdgeOOMError, EdgetrainError
 from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
-from edgetrain.methods.base import prepare
 from edgetrain.models import create_model
-from edgetrain.plan import choose, load_plan, save_plan
+from edgetrain.plan import Plan, apply_plan_, plan_for
 from edgetrain.train import checkpoint as ckpt
 from edgetrain.train.data import augment, load_data
 from edgetrain.train.progress import Progress
@@ -50,6 +49,7 @@ class FitConfig:
     out: str = ""  # run directory; empty: runs/<date-time>, with runs/last pointing at it
     methods: list[str] = field(default_factory=list)  # forced methods; empty: planned
     plan: str | None = None  # a plan file (from an earlier run's plan.yaml) instead of planning
+    prefer: str = "speed"  # the planner's objective: speed or accuracy
     ckpt_every: int = 20  # steps between checkpoints (and at every epoch end)
     max_steps: int = 0  # stop after this many steps (0: all epochs); for tests and smoke runs
     quiet: bool = False
@@ -96,8 +96,8 @@ class Recipe:
             print(f"edgetrain fit: skipped {self.data.skipped} unreadable image files in {cfg.data}", file=sys.stderr)
         self.dev = torch.device("cuda" if self.profile.kind != "cpu" and torch.cuda.is_available() else "cpu")
         self.model = create_model(cfg.model, len(self.data.classes))
-        self.methods = state["methods"] if state else self._plan(cfg.methods)
-        self._apply(self.methods)
+        self.plan = Plan.from_dict(state["plan"], "checkpoint") if state else self._plan(cfg.methods)
+        self._apply(self.plan)
         self.model.to(self.dev)
         self.opt = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr)
         self.train_loader, self.test_loader = self.data.loaders(cfg.batch_size, cfg.seed, self.profile.kind)
@@ -114,19 +114,20 @@ class Recipe:
         if not self.resume:
             _point_last_at(self.out)
 
-    def _plan(self, forced: list[str]) -> list[str]:
-        shape = self.data.input_shape
-        if self.cfg.plan:
-            return [str(m) for m in load_plan(self.cfg.plan)["methods"]]
+    def _plan(self, forced: list[str], budget_bytes: int | None = None) -> Plan:
+        cfg = self.cfg
+        if cfg.plan and budget_bytes is None:
+            return Plan.load(cfg.plan)
         if forced:
-            return forced
-        choice = choose(self.model, shape, self.cfg.batch_size, self.profile, self.cfg.optimizer, self.cfg.model)
+            return Plan(methods=list(forced), model=cfg.model)
+        chosen = plan_for(self.model, self.data.input_shape, cfg.batch_size, self.profile, cfg.optimizer,
+                          cfg.prefer, cfg.model, len(self.data.classes), budget_bytes)  # fmt: skip
         self.out.mkdir(parents=True, exist_ok=True)
-        save_plan(choice, self.out / "plan.yaml", self.cfg.model, shape, self.cfg.batch_size)
-        return choice.methods
+        chosen.save(self.out / "plan.yaml")
+        return chosen
 
-    def _apply(self, methods: list[str]) -> None:
-        _, _, self.settings = prepare(self.model, methods, inplace=True)
+    def _apply(self, plan: Plan) -> None:
+        self.settings = apply_plan_(self.model, plan)
         self.scaler = torch.amp.GradScaler(self.dev.type) if self.settings.precision == "fp16" else None
         # on the device itself real OOMs guard the run; elsewhere the guard plays the device
         self.guarded = GUARDED_STEPS if self.dev.type == "cpu" else 0
@@ -198,15 +199,19 @@ class Recipe:
         """Out of memory: plan again for 80% of the budget, apply, retry the same batch."""
         self.opt.zero_grad(set_to_none=True)
         tighter = int(self._tensor_budget() * 0.8)
-        old = self.methods
-        choice = choose(self.model, self.data.input_shape, self.cfg.batch_size, self.profile, self.cfg.optimizer,
-                        self.cfg.model, budget_bytes=tighter)  # fmt: skip
-        if choice.methods == old:
+        old = self.plan
+        fresh = create_model(self.cfg.model, len(self.data.classes))  # plan on the model as built, not as applied
+        model, self.model = self.model, fresh
+        try:
+            new = self._plan([], budget_bytes=tighter)
+        finally:
+            self.model = model
+        if new.summary() == old.summary():
             raise err
-        self.methods = choice.methods
-        self._apply(self.methods)
+        self.plan = new
+        self._apply(new)
         print(f"edgetrain fit: out of memory ({err}); re-planned for {tighter / 2**20:.0f} MiB: "
-              f"{'+'.join(old) or 'plain'} -> {'+'.join(self.methods)}", flush=True)  # fmt: skip
+              f"{old.summary()} -> {new.summary()}", flush=True)  # fmt: skip
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -227,7 +232,7 @@ class Recipe:
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         state = {
-            "config": asdict(self.cfg), "methods": self.methods, "model": self.model.state_dict(),
+            "config": asdict(self.cfg), "plan": self.plan.to_dict(), "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch, "step": self.step, "history": self.history,

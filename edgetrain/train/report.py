@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from edgetrain.memory.plot import plot_timeline
-from edgetrain.memory.predict import estimate
 from edgetrain.models import create_model
+from edgetrain.plan.search import estimate_plan
 
 
 def write_report(recipe) -> dict[str, Any]:
@@ -18,13 +18,12 @@ def write_report(recipe) -> dict[str, Any]:
     cfg, out = recipe.cfg, Path(recipe.out)
     acc, test_loss = recipe.evaluate()
     fresh = create_model(cfg.model, len(recipe.data.classes))
-    est = estimate(
-        fresh, recipe.data.input_shape, cfg.batch_size, cfg.optimizer, recipe.profile, recipe.methods, name=cfg.model
-    )
+    est = estimate_plan(fresh, recipe.plan, recipe.data.input_shape, cfg.batch_size, cfg.optimizer, recipe.profile,
+                        len(recipe.data.classes), cfg.model)  # fmt: skip
     evals = [h for h in recipe.history if "test_accuracy" in h]
     report = {
         "model": cfg.model, "device": recipe.profile.name, "data": cfg.data, "epochs": cfg.epochs, "steps": recipe.step,
-        "methods": recipe.methods, "test_accuracy": acc, "test_loss": test_loss,
+        "methods": recipe.plan.specs(), "plan": recipe.plan.summary(), "test_accuracy": acc, "test_loss": test_loss,
         "accuracy_by_epoch": [h["test_accuracy"] for h in evals],
         "predicted_peak_bytes": est.predicted["peak_total_bytes"], "predicted_device_bytes": est.predicted["peak_device_bytes"],
         "measured_peak_bytes": recipe.measured_peak, "budget_bytes": est.budget_bytes,
@@ -33,9 +32,7 @@ def write_report(recipe) -> dict[str, Any]:
     }  # fmt: skip
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in recipe.history))
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    plot_curves(
-        recipe.history, out / "curves.png", f"{cfg.model} on {cfg.data} ({'+'.join(recipe.methods) or 'plain'})"
-    )
+    plot_curves(recipe.history, out / "curves.png", f"{cfg.model} on {cfg.data} ({recipe.plan.summary()})")
     plot_timeline(
         est.report, out / "memory.png", f"{cfg.model} b{cfg.batch_size} on {recipe.profile.name}", est.budget_bytes
     )

@@ -1,0 +1,113 @@
+"""Activation compression (issue 5): saved bytes, step time and accuracy, side by side with plain.
+
+    .venv/bin/python bench/compression.py [--quick] [--only bytes|accuracy]
+
+1. resnet18 and vgg11_bn at 32 px and 224 px: saved-activation bytes of one real training step
+   (edgetrain's tracker), ratio to plain fp32, the issue's target, the estimate's error against
+   the measured peak, and the median step time as a ratio to plain (same run).
+2. digits accuracy (cifar_resnet20, fixed seeds, same epochs): plain vs 8/4/2-bit vs base+delta,
+   mean and seed spread.
+Writes bench/out/compression.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from edgetrain.memory.measure import StepSpec, tracked_step
+from edgetrain.memory.predict import estimate
+from edgetrain.methods.base import prepare
+from edgetrain.models import create_model
+from edgetrain.train.recipe import FitConfig, fit
+from edgetrain.train.step import make_optimizer, train_step
+
+OUT = Path(__file__).parent / "out"
+MiB = 2**20
+METHODS = [
+    ("plain", [], None),
+    ("8-bit", ["compress:bits=8"], 0.26),
+    ("4-bit", ["compress:bits=4"], 0.14),
+    ("2-bit", ["compress:bits=2"], 0.08),
+    ("2-bit, 1-bit ReLU masks", ["compress:bits=2,relu=mask"], 0.08),
+    ("base+delta (Facto-CNN)", ["compress:scheme=similar,bits=2"], 0.32),
+]
+
+
+def _step_time(model, spec: StepSpec, repeat: int) -> float:
+    opt = make_optimizer("sgd", model.parameters())
+    x, y = torch.randn(spec.batch_size, *spec.input_shape), torch.randint(0, 10, (spec.batch_size,))
+    times = []
+    for _ in range(repeat + 1):
+        t0 = time.perf_counter()
+        train_step(model, x, y, opt, spec.settings)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def bytes_table(quick: bool) -> list[dict]:
+    print("\n1. saved activations and step time, ratios to plain fp32 (one real step each, same run)")
+    print(f"{'case':<22} {'method':<24} {'saved MiB':>10} {'x plain':>8} {'target':>7} {'est err':>8} "
+          f"{'step s':>7} {'x plain':>8}")  # fmt: skip
+    rows = []
+    for name in ("resnet18", "vgg11_bn"):
+        for size, batch in ((32, 32), (224, 4 if quick else 8)):
+            model = create_model(name)
+            base = None
+            for label, methods, target in METHODS:
+                m, _, settings = prepare(model, methods)
+                spec = StepSpec((3, size, size), batch, 10, settings=settings)
+                rep = tracked_step(m, spec, fake=False)
+                pred = estimate(model, (3, size, size), batch, methods=methods).predicted["peak_total_bytes"]
+                sec = _step_time(m, spec, 2 if quick else 5)
+                base = base or (rep.saved_activation_bytes, sec)
+                row = {"model": name, "size": size, "batch": batch, "method": label, "saved": rep.saved_activation_bytes,
+                       "ratio": rep.saved_activation_bytes / base[0], "target": target, "peak": rep.peak_bytes,
+                       "estimate_error": pred / rep.peak_bytes - 1, "seconds": sec, "time_ratio": sec / base[1]}  # fmt: skip
+                rows.append(row)
+                print(f"{f'{name} {size}px b{batch}':<22} {label:<24} {row['saved'] / MiB:>10.2f} {row['ratio']:>8.3f} "
+                      f"{target or '-':>7} {row['estimate_error']:>+8.2%} {sec:>7.3f} {row['time_ratio']:>8.2f}")  # fmt: skip
+    return rows
+
+
+def accuracy_table(seeds: list[int], epochs: int) -> list[dict]:
+    print(f"\n2. digits accuracy, cifar_resnet20, {epochs} epochs at 32 px, seeds {seeds}")
+    rows = []
+    for label, methods, _ in METHODS:
+        accs = []
+        for seed in seeds:
+            out = OUT / "runs" / f"compress-{len(rows)}-{seed}-{int(time.time() * 1000)}"
+            cfg = FitConfig(device="cpu", model="cifar_resnet20", epochs=epochs, seed=seed, out=str(out), quiet=True,
+                            methods=methods)  # fmt: skip
+            accs.append(fit(cfg)["test_accuracy"])
+        row = {"method": label, "accuracies": accs, "mean": statistics.mean(accs)}
+        row["vs_plain"] = row["mean"] - rows[0]["mean"] if rows else 0.0
+        rows.append(row)
+        print(f"   {label:<24} mean {row['mean']:.2%}  (min {min(accs):.2%}, max {max(accs):.2%})  "
+              f"{row['vs_plain'] * 100:+.2f} points vs plain")  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=("bytes", "accuracy"))
+    args = ap.parse_args()
+    OUT.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    tables = {
+        "bytes": lambda: bytes_table(args.quick),
+        "accuracy": lambda: accuracy_table([0] if args.quick else [0, 1, 2], 2 if args.quick else 8),
+    }
+    result = {name: fn() for name, fn in tables.items() if args.only in (None, name)}
+    suffix = f"_{args.only}" if args.only else ""
+    (OUT / f"compression{suffix}.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

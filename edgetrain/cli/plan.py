@@ -1,0 +1,114 @@
+"""`edgetrain plan`: the configuration that fits a device, the candidates weighed, and why."""
+
+from __future__ import annotations
+
+import argparse
+
+from edgetrain.cli.common import Verb, add_json, mib, print_json, table
+from edgetrain.cli.estimate import add_model_args
+
+
+class PlanVerb(Verb):
+    name = "plan"
+    help = "choose per-layer methods that fit a device at the least cost (predicted; --verify measures)"
+    examples = (
+        "edgetrain plan --device gtx750-1gb --model resnet18 -b 64 -s 224",
+        "edgetrain plan -d jetson-nano -m mobilenet_v2 -b 128 -s 224 --prefer accuracy --out plan.yaml",
+        "edgetrain plan -d gtx750-1gb -m resnet18 -b 32 -s 224 --plot plan.png --json",
+        "edgetrain plan -d jetson-nano -m resnet18 -b 16 -s 64 --verify",
+        "edgetrain fit -d jetson-nano --plan plan.yaml   # train with it",
+    )
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        add_model_args(p)
+        p.add_argument("--device", "-d", default="gtx750-1gb", help="device profile name or YAML path")
+        p.add_argument("--prefer", choices=("speed", "accuracy"), default="speed",
+                       help="weigh step time (speed) or accuracy risk (accuracy) first")  # fmt: skip
+        p.add_argument("--out", "-o", metavar="FILE", help="write the plan (YAML, or JSON for *.json)")
+        p.add_argument("--plot", metavar="PNG", help="memory by category: plain vs the plan")
+        p.add_argument("--verify", action="store_true", help="run one real step under the device's budget guard")
+        add_json(p)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from edgetrain.models import create_model
+        from edgetrain.plan import plan_for
+
+        model = create_model(args.model, args.num_classes)
+        shape = (args.channels, args.input_size, args.input_size)
+        plan = plan_for(model, shape, args.batch_size, args.device, args.optimizer, args.prefer, args.model,
+                        args.num_classes)  # fmt: skip
+        measured = verify(plan, args) if args.verify else None
+        if args.out:
+            plan.save(args.out)
+        if args.plot:
+            plot_plan(plan, args.plot)
+        if args.json:
+            print_json({**plan.to_dict(), "measured": measured})
+        else:
+            _print(plan, measured, args)
+        return 0
+
+
+def verify(plan, args: argparse.Namespace) -> dict:
+    """One real training step with the plan applied, in a fresh process, under the device's guard."""
+    import torch
+
+    from edgetrain.devices.store import get_device
+    from edgetrain.memory.guard import tensor_budget
+    from edgetrain.memory.probe import measure_in_subprocess
+
+    profile = get_device(args.device)
+    req = {"model": args.model, "num_classes": args.num_classes, "input_shape": plan.input_shape,
+           "batch_size": plan.batch_size, "optimizer": plan.optimizer, "plan": plan.to_dict(),
+           "budget": tensor_budget(profile), "cuda": profile.kind != "cpu" and torch.cuda.is_available()}  # fmt: skip
+    m = measure_in_subprocess(req)
+    m["ratio_to_predicted"] = m["peak_total_bytes"] / plan.predicted["peak_total_bytes"]
+    return m
+
+
+def plot_plan(plan, path: str) -> None:
+    """Stacked bars of the predicted peak by category: plain next to the chosen plan, budget line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgetrain.memory.plot import COLORS
+
+    plain = next(r for r in plan.candidates if r["plan"] == "plain")["peak_by_category"]
+    bars = {"plain": plain, plan.summary() if not plan.is_plain else "plan (plain)": plan.predicted["peak_by_category"]}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, cats in enumerate(bars.values()):
+        bottom = 0.0
+        for cat, v in cats.items():
+            ax.bar(i, v / 2**20, bottom=bottom, color=COLORS[cat], label=cat if i == 0 else None)
+            bottom += v / 2**20
+    if plan.budget_bytes:
+        ax.axhline(plan.budget_bytes / 2**20, color="k", ls="--", lw=1, label="budget")
+    ax.set_xticks(range(len(bars)), [label[:40] for label in bars], fontsize=8)
+    ax.set_ylabel("MiB at the step's peak (tensors)")
+    ax.set_title(f"{plan.model} b{plan.batch_size} {plan.input_shape[-1]}px on {plan.device}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _print(plan, measured: dict | None, args: argparse.Namespace) -> None:
+    rows = []
+    for r in plan.candidates:
+        peak = mib(r["peak_device_bytes"]) if r.get("peak_device_bytes") else "-"
+        over = f"{r['overhead']:.2f}x" if r.get("overhead") else "-"
+        rows.append(["*" if r.get("chosen") else "", r["plan"][:70], peak, over, r.get("risk", "-"), r["fits"]])
+    head = f"{plan.model} b{plan.batch_size} {plan.input_shape[-1]}px {plan.optimizer} on {plan.device}"
+    table(f"{head}: budget {mib(plan.budget_bytes)} (prefer {args.prefer})",
+          ["", "candidate", "peak (device)", "time", "risk", "fits"], rows)  # fmt: skip
+    print(f"chosen: {plan.summary()}  predicted {mib(plan.predicted['peak_device_bytes'])}, "
+          f"step time {plan.overhead:.2f}x plain")  # fmt: skip
+    for reason in plan.reasons:
+        print(f"  - {reason}")
+    if measured:
+        print(f"verified: one real step under the guard peaked at {mib(measured['peak_total_bytes'])} of tensors, "
+              f"{measured['ratio_to_predicted']:.3f}x the prediction")  # fmt: skip
+    if args.out:
+        print(f"plan written to {args.out}: train with `edgetrain fit --device {plan.device} --plan {args.out}`")

@@ -1,0 +1,233 @@
+"""Activation compression: what backward needs, kept in far fewer bytes (ActNN / Facto-CNN).
+
+`CompressHooks` is a `saved_tensors_hooks` context manager: every activation an op saves for
+backward is packed (`packing.encode`) and unpacked when backward reads it. Parameters, their
+autocast copies and small tensors (BatchNorm statistics) pass through untouched. A tensor saved
+by several ops (a ReLU's output that the next conv saves as its input) is packed once.
+
+The `compress` method applies it per layer (a class swap, so state-dict names do not change):
+convs, linears and norms have their saved inputs packed; a ReLU's saved output is packed with
+exact zeros, so its backward mask stays exact; ReLU6 (and ReLU with `relu=mask`) keep a 1-bit
+mask instead. Inside a checkpointed block nothing is packed: checkpointing stores nothing there.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from edgetrain.methods import packing
+from edgetrain.methods.base import MethodConfig, MethodHandler, register_method, swap_class_
+from edgetrain.methods.packing import Packed, decode, encode, pack_mask, unpack_mask
+
+SCHEMES = ("quant", "similar", "none")
+LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.GroupNorm, nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.Dropout)
+
+
+@dataclass(frozen=True)
+class CompressConfig(MethodConfig):
+    """Pack saved activations: `quant` (min/max, `bits` in 1/2/4/8), `similar` (base + `bits`-bit
+    deltas), `none` (lossless pass-through). `relu`: `shared` packs ReLU outputs once, zero-exact;
+    `mask` keeps a 1-bit mask for the ReLU's own backward."""
+
+    name: ClassVar[str] = "compress"
+    help: ClassVar[str] = "pack saved activations to 8/4/2 bits or base+delta (lossy, ~1/4..1/12 the bytes)"
+    bits: int = 4
+    scheme: str = "quant"
+    group: int = 256
+    stochastic: bool = True
+    relu: str = "shared"
+    min_numel: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.bits not in (1, 2, 4, 8):
+            raise ValueError(f"bits must be 1, 2, 4 or 8, got {self.bits}")
+        if self.group < 8 or self.group % 8:
+            raise ValueError(f"group must be a multiple of 8, got {self.group}")
+        if self.relu not in ("shared", "mask"):
+            raise ValueError(f"relu must be shared or mask, got {self.relu!r}")
+
+    @property
+    def risk(self) -> int:  # type: ignore[override]
+        """Lossless 0 < 8-bit 1 < (micro-batch with BN 2) < 4-bit 3 < 2-bit and below 4."""
+        if self.scheme == "none":
+            return 0
+        return {8: 1, 4: 3}.get(self.bits, 4) if self.scheme == "quant" else 3
+
+
+# storage key -> (weakref to the storage, version, view, Packed): one pack per saved tensor
+_PACKED: dict[int, tuple[weakref.ref, int, tuple, Packed]] = {}
+
+
+class CompressHooks(torch.autograd.graph.saved_tensors_hooks):
+    """Pack what autograd saves inside this context; `stats` counts tensors and bytes (in, out)."""
+
+    def __init__(self, config: CompressConfig, zero_exact: bool = False, skip: tuple[set, set] = (set(), set())):
+        self.config, self.zero_exact, self.skip = config, zero_exact, skip
+        self.stats = {"packed": 0, "bytes_in": 0, "bytes_out": 0}
+        super().__init__(self._pack, self._unpack)
+
+    def __enter__(self) -> CompressHooks:
+        super().__enter__()
+        return self
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        if not _compressible(t, self.config, self.skip):
+            return t
+        st = t.untyped_storage()
+        key, view = st._cdata, (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        hit = _PACKED.get(key)
+        if hit is not None and hit[0]() is st and hit[1] == t._version and hit[2] == view:
+            return hit[3]
+        c = self.config
+        p = encode(t, c.scheme, c.bits, c.group, c.stochastic, self.zero_exact)
+        _PACKED[key] = (weakref.ref(st, lambda _r, key=key: _PACKED.pop(key, None)), t._version, view, p)
+        self.stats["packed"] += 1
+        self.stats["bytes_in"] += t.numel() * t.element_size()
+        self.stats["bytes_out"] += p.nbytes()
+        return p
+
+    @staticmethod
+    def _unpack(p: Any) -> torch.Tensor:
+        return decode(p) if isinstance(p, Packed) else p
+
+
+def _param_views(module: nn.Module) -> tuple[set[int], set[tuple[int, ...]]]:
+    """Storages and shapes (and transposes) of a layer's own parameters: never activations."""
+    ps = list(module.parameters(recurse=False))
+    shapes = {tuple(p.shape) for p in ps} | {tuple(p.shape)[::-1] for p in ps if p.dim() == 2}
+    return {p.untyped_storage()._cdata for p in ps}, shapes
+
+
+def _compressible(t: torch.Tensor, c: CompressConfig, skip: tuple[set, set]) -> bool:
+    if c.scheme == "none" or not t.is_floating_point() or t.numel() < c.min_numel:
+        return False
+    storages, shapes = skip
+    if isinstance(t, nn.Parameter) or t.is_leaf and t.requires_grad or tuple(t.shape) in shapes:
+        return False
+    if t.untyped_storage()._cdata in storages:
+        return False
+    fn = t.grad_fn  # an autocast copy of a parameter is a weight, not an activation
+    return not (fn is not None and type(fn).__name__ == "ToCopyBackward0" and _from_leaf(fn))
+
+
+def _from_leaf(fn: Any) -> bool:
+    return any(type(f).__name__ == "AccumulateGrad" for f, _ in fn.next_functions if f is not None)
+
+
+def _in_checkpoint() -> bool:
+    """Whether checkpointing's own saved-tensor hooks are active (then nothing is stored here)."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return top is not None and getattr(top[0], "__module__", "") == "torch.utils.checkpoint"
+
+
+class _MaskClamp(torch.autograd.Function):
+    """clamp(x, lo, hi) whose backward keeps only the 1-bit mask lo < y < hi."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        y = x.clamp(lo, hi)
+        inside = (y > lo) & (y < hi) if hi != float("inf") else y > lo
+        ctx.save_for_backward(pack_mask(inside))
+        ctx.shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (bits,) = ctx.saved_tensors
+        return g * unpack_mask(bits, ctx.shape).to(g.dtype), None, None
+
+
+class _MaskDropout(torch.autograd.Function):
+    """Dropout that keeps its keep-mask at 1 bit per element for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.rand_like(x) >= p
+        ctx.save_for_backward(pack_mask(keep))
+        ctx.shape, ctx.scale = x.shape, 1.0 / (1.0 - p)
+        return x * keep * ctx.scale
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (bits,) = ctx.saved_tensors
+        return g * unpack_mask(bits, ctx.shape).to(g.dtype) * ctx.scale, None
+
+
+class _CompactMaxPool(torch.autograd.Function):
+    """max_pool2d that keeps, per output, the argmax's offset inside its window (4 or 8 bits)
+    instead of int64 flat indices and the input; backward scatters the gradient back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:
+        k, s, p, d = (
+            _pair(v) for v in (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding, pool.dilation)
+        )
+        y, idx = nn.functional.max_pool2d(x, k, s, p, d, pool.ceil_mode, return_indices=True)  # (N, C, Ho, Wo)
+        W = x.shape[-1]
+        oh = torch.arange(y.shape[-2], device=x.device)[:, None] * s[0] - p[0]  # (Ho, 1) window top
+        ow = torch.arange(y.shape[-1], device=x.device)[None, :] * s[1] - p[1]  # (1, Wo) window left
+        rel = ((idx // W - oh) // d[0]) * k[1] + (idx % W - ow) // d[1]  # (N, C, Ho, Wo) in [0, kh*kw)
+        bits = 4 if k[0] * k[1] <= 16 else 8
+        codes = rel.to(torch.uint8).reshape(-1)
+        codes = packing.pack_bits(nn.functional.pad(codes, (0, codes.numel() % 2)), bits)
+        ctx.save_for_backward(codes)
+        ctx.geom = (x.shape, y.shape, k, s, p, d, bits)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (codes,) = ctx.saved_tensors
+        xs, ys, k, s, p, d, bits = ctx.geom
+        rel = packing.unpack_bits(codes, bits)[: ys.numel()].view(ys).long()
+        oh = torch.arange(ys[-2], device=g.device)[:, None] * s[0] - p[0]
+        ow = torch.arange(ys[-1], device=g.device)[None, :] * s[1] - p[1]
+        idx = (oh + rel // k[1] * d[0]) * xs[-1] + ow + rel % k[1] * d[1]  # (N, C, Ho, Wo) flat in H*W
+        gx = g.new_zeros(xs).flatten(2)  # (N, C, H*W)
+        gx.scatter_add_(2, idx.flatten(2), g.flatten(2))
+        return gx.view(xs), None
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class _Compressed:
+    """Mixin put in front of a layer's class: its forward runs under `CompressHooks`."""
+
+    _compress: CompressConfig
+
+    def forward(self, x, *args, **kwargs):
+        if not (self.training and torch.is_grad_enabled()) or _in_checkpoint():
+            return super().forward(x, *args, **kwargs)
+        c = self._compress
+        if isinstance(self, nn.ReLU6) or isinstance(self, nn.ReLU) and c.relu == "mask":
+            hi = 6.0 if isinstance(self, nn.ReLU6) else float("inf")
+            return _MaskClamp.apply(x, 0.0, hi)
+        if isinstance(self, nn.Dropout):
+            return _MaskDropout.apply(x, self.p) if self.p > 0 else x
+        if isinstance(self, nn.MaxPool2d):
+            return _CompactMaxPool.apply(x, self)
+        with CompressHooks(c, zero_exact=isinstance(self, nn.ReLU), skip=_param_views(self)):
+            return super().forward(x, *args, **kwargs)
+
+
+class CompressHandler(MethodHandler):
+    config_type = CompressConfig
+
+    def eligible(self, name: str, module: nn.Module, config: MethodConfig) -> bool:
+        return isinstance(module, LAYER_TYPES)
+
+    def apply(self, module: nn.Module, config: MethodConfig) -> nn.Module:
+        swap_class_(module, _Compressed)
+        module._compress = config  # type: ignore[assignment]
+        return module
+
+
+register_method(CompressHandler())

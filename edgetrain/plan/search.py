@@ -1,0 +1,337 @@
+"""`plan()`: the configuration that fits the device at the least cost.
+
+Per unit (block or leftover layer) one option among plain, checkpoint and compression at 8/4/2
+bits; step-wide a precision and a number of micro-batches. For each step-wide setting the
+per-unit choice is a multiple-choice knapsack (saved bytes against the activation budget,
+cost = predicted time overhead + risk weight), solved exactly by dynamic programming over
+byte buckets. The cheapest setting's plan is then verified with an exact fake-tensor estimate;
+if the estimate says it does not fit, the knapsack is solved again with the overshoot taken off.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from edgetrain.devices.profile import DeviceProfile
+from edgetrain.devices.store import get_device
+from edgetrain.errors import BudgetError, ConfigError
+from edgetrain.memory.measure import StepSpec
+from edgetrain.memory.predict import Estimate, _num_classes, estimate
+from edgetrain.methods.base import parse_spec
+from edgetrain.plan.plan import Plan, param_shapes
+from edgetrain.plan.units import UnitTable, has_batchnorm, option_seconds, step_seconds, unit_table
+
+PREFER = {"speed": 0.05, "accuracy": 2.0}  # weight of one risk rank against a 100% time overhead
+BUCKETS = 512
+MAX_MICRO_BATCHES = 16
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class StepWide:
+    precision: str = "fp32"
+    micro_batches: int = 1
+
+    def methods(self) -> list[str]:
+        out = [] if self.precision == "fp32" else [f"precision:dtype={self.precision}"]
+        return out + ([f"microbatch:micro_batches={self.micro_batches}"] if self.micro_batches > 1 else [])
+
+    def label(self) -> str:
+        return "+".join(self.methods()) or "fp32"
+
+
+def knapsack(
+    items: list[list[tuple[int, float]]], capacity: int, buckets: int = BUCKETS
+) -> tuple[list[int], float] | None:
+    """One option per unit (bytes, cost) minimising total cost with total bytes <= capacity.
+    Bytes are rounded up to capacity/buckets, so a returned choice always fits. None: nothing fits."""
+    if capacity < 0:
+        return None
+    q = max(capacity, 1) / buckets
+    inf = float("inf")
+    dp = [0.0] * (buckets + 1)  # dp[j]: least cost of the units so far within j buckets
+    back: list[list[int]] = []
+    for opts in items:
+        w = [math.ceil(b / q - 1e-9) for b, _ in opts]
+        new, pick = [inf] * (buckets + 1), [-1] * (buckets + 1)
+        for j in range(buckets + 1):
+            for k, (wk, (_, c)) in enumerate(zip(w, opts, strict=True)):
+                if wk <= j and dp[j - wk] + c < new[j]:
+                    new[j], pick[j] = dp[j - wk] + c, k
+        dp = new
+        back.append(pick)
+    if dp[buckets] == inf:
+        return None
+    choice, j = [], buckets
+    for opts, pick in zip(reversed(items), reversed(back), strict=True):
+        k = pick[j]
+        choice.append(k)
+        j -= math.ceil(opts[k][0] / q - 1e-9)
+    return choice[::-1], dp[buckets]
+
+
+def brute_force(items: list[list[tuple[int, float]]], capacity: int, buckets: int = BUCKETS) -> float | None:
+    """The same problem by enumeration (tests check `knapsack` against it on small cases)."""
+    q = max(capacity, 1) / buckets
+    best = None
+    for combo in itertools.product(*[range(len(o)) for o in items]):
+        w = sum(math.ceil(items[u][k][0] / q - 1e-9) for u, k in enumerate(combo))
+        c = sum(items[u][k][1] for u, k in enumerate(combo))
+        if w <= buckets and (best is None or c < best):
+            best = c
+    return best
+
+
+def step_wide_options(profile: DeviceProfile, batch_size: int) -> list[StepWide]:
+    precisions = ["fp32"]
+    if profile.bf16_supported:
+        precisions.append("bf16")
+    elif profile.fp16_gflops > 1.2 * profile.fp32_gflops:
+        precisions.append("fp16")
+    mbs = [2**i for i in range(int(math.log2(min(batch_size, MAX_MICRO_BATCHES))) + 1)]
+    return [StepWide(p, k) for p in precisions for k in mbs]
+
+
+def _risk(option: str) -> int:
+    return 0 if option in ("plain", "checkpoint") else parse_spec(option).risk
+
+
+class Planner:
+    """Holds the unit table of one model/step and answers for each step-wide setting."""
+
+    def __init__(self, model: nn.Module, spec: StepSpec, profile: DeviceProfile, prefer: str, plain: Estimate):
+        if prefer not in PREFER:
+            raise ConfigError(f"--prefer must be speed or accuracy, got {prefer!r}")
+        self.model, self.spec, self.profile, self.weight = model, spec, profile, PREFER[prefer]
+        self.plain = plain
+        self.table: UnitTable = unit_table(model, spec)
+        self.t0 = step_seconds(self.table, profile)
+        self.total_saved = sum(u.saved["plain"] for u in self.table.units) or 1
+        # the device level over the tensor level (allocator rounding and fragmentation), from plain
+        self.workspace = profile.workspace_bytes
+        self.device_ratio = max(
+            1.0, (plain.predicted["peak_device_bytes"] - self.workspace) / plain.predicted["peak_total_bytes"]
+        )
+        self.has_bn = has_batchnorm(model)
+
+    def _saved(self, option: str, unit, g: StepWide) -> int:
+        s = unit.saved[option] if option in unit.saved else _derive_8bit(unit.saved)
+        if g.precision != "fp32" and option in ("plain", "checkpoint"):
+            s //= 2
+        return s // g.micro_batches
+
+    def _items(self, g: StepWide, budget: int) -> tuple[list[list[str]], list[list[tuple[int, float]]]]:
+        opts, items = [], []
+        for u in self.table.units:
+            allowed = [o for o in u.options() if self._floor(o, g) <= budget]
+            opts.append(allowed)
+            items.append([(self._saved(o, u, g), self._cost(u, o)) for o in allowed])
+        return opts, items
+
+    def _cost(self, unit, option: str) -> float:
+        share = unit.saved["plain"] / self.total_saved
+        return option_seconds(unit, option, self.profile) / self.t0 + self.weight * _risk(option) * share
+
+    def _floor(self, option: str, g: StepWide) -> int:
+        """A peak no plan using `option` goes below (the all-`option` run's, when above its linear model)."""
+        if option == "plain" or option not in self.table.peaks:
+            return 0
+        fixed = self.table.fixed_bytes
+        return self.device_bytes(fixed + max(0, self.table.peaks[option] - fixed) // g.micro_batches)
+
+    def device_bytes(self, tensor_bytes: int) -> int:
+        return int(tensor_bytes * self.device_ratio) + self.workspace
+
+    def tensor_bytes(self, device_bytes: int) -> int:
+        return int((device_bytes - self.workspace) / self.device_ratio)
+
+    def global_cost(self, g: StepWide) -> tuple[float, float]:
+        """(cost, time factor) of a step-wide setting."""
+        factor = 1.0
+        risk = 0
+        if g.precision != "fp32":
+            half = self.profile.fp16_gflops or self.profile.fp32_gflops
+            factor *= 0.5 + 0.5 * self.profile.fp32_gflops / half  # compute share speeds up, traffic halves
+            risk += 1
+        if g.micro_batches > 1:
+            factor *= 1 + 0.03 * math.log2(g.micro_batches)
+            risk += 2 if self.has_bn else 0
+        return factor - 1 + self.weight * risk, factor
+
+    def solve(self, g: StepWide, budget: int) -> tuple[dict[str, str], float, float] | None:
+        """Per-unit options under setting `g` whose modelled device peak fits `budget`:
+        ({unit: option}, cost, predicted time factor); None when none does."""
+        plain_act = self.plain.predicted["peak_total_bytes"] - self.table.fixed_bytes
+        act_budget = self.tensor_bytes(budget) - self.table.fixed_bytes
+        base_act = plain_act // g.micro_batches
+        if g.precision != "fp32":
+            base_act //= 2
+        opts, items = self._items(g, budget)
+        plain_saved = sum(self._saved("plain", u, g) for u in self.table.units)
+        # linear model: act = base_act - plain_saved + sum(saved of choice) <= act_budget
+        got = knapsack(items, act_budget - base_act + plain_saved)
+        if got is None:
+            return None
+        choice, cost = got
+        chosen = {u.name: opts[i][k] for i, (u, k) in enumerate(zip(self.table.units, choice, strict=True))}
+        extra = sum(option_seconds(u, chosen[u.name], self.profile) for u in self.table.units) / self.t0
+        gcost, factor = self.global_cost(g)
+        return chosen, cost + gcost, factor * (1 + extra)
+
+    def to_plan(self, g: StepWide, chosen: dict[str, str]) -> Plan:
+        mods = dict(self.model.named_modules())
+        layers = {n: o for n, o in chosen.items() if o != "plain"}
+        return Plan(methods=g.methods(), layers=layers, shapes={n: param_shapes(mods[n]) for n in layers})
+
+
+def _derive_8bit(saved: dict[str, int]) -> int:
+    """8-bit bytes from the 4- and 2-bit runs: codes grow linearly with bits, metadata does not."""
+    s4, s2 = saved["compress:bits=4"], saved["compress:bits=2"]
+    return s4 + 2 * (s4 - s2)
+
+
+def plan(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    batch_size: int,
+    device: DeviceProfile | str = "cpu",
+    optimizer: str = "sgd",
+    prefer: str = "speed",
+    name: str = "model",
+    num_classes: int | None = None,
+    budget_bytes: int | None = None,
+) -> Plan:
+    """The least-cost plan whose predicted device peak fits `device` (or `budget_bytes`).
+
+    Plain when the model fits as it is; `BudgetError` with the smallest reachable peak and what
+    would make it fit when nothing does."""
+    profile = get_device(device)
+    budget = budget_bytes or profile.usable_memory_bytes
+    plain = estimate(model, input_shape, batch_size, optimizer, profile, [], num_classes, name)
+    doc = Plan(model=name, input_shape=list(input_shape), batch_size=batch_size, optimizer=optimizer,
+               device=profile.name, budget_bytes=budget)  # fmt: skip
+    row = {"plan": "plain", "peak_device_bytes": plain.predicted["peak_device_bytes"], "overhead": 1.0, "risk": 0,
+           "peak_by_category": plain.predicted["peak_by_category"]}  # fmt: skip
+    if plain.predicted["peak_device_bytes"] <= budget:
+        row["fits"] = row["chosen"] = True
+        return _finish(doc, Plan(), plain, 1.0, [row], ["fits as it is: no method, no overhead"])
+    row["fits"] = False
+    spec = StepSpec(tuple(input_shape), batch_size, num_classes or _num_classes(model), optimizer)
+    planner = Planner(model, spec, profile, prefer, plain)
+    rows, found = [row], []
+    for g in step_wide_options(profile, batch_size):
+        got = planner.solve(g, budget)
+        if got is None:
+            rows.append({"plan": g.label() + " (nothing fits)", "fits": False})
+            continue
+        found.append((got[1], g, got))
+    found.sort(key=lambda f: f[0])
+    for i, (_, g, got) in enumerate(found):
+        verified = _verify(
+            planner, g, got, budget, (model, input_shape, batch_size, optimizer, profile, num_classes, name)
+        )
+        if verified is None:
+            rows.append({"plan": g.label() + ": modelled to fit, over budget in the exact check", "fits": False})
+            continue
+        cand, est, factor = verified
+        rows.append({**_row(cand, est, factor, True), "chosen": True})
+        for _, g2, (ch2, _, f2) in found[i + 1 :]:  # costlier step-wide settings, as modelled, for the table
+            p2 = planner.to_plan(g2, ch2)
+            rows.append(
+                {"plan": p2.summary(), "peak_device_bytes": None, "overhead": f2, "risk": _plan_risk(p2), "fits": True}
+            )
+        return _finish(doc, cand, est, factor, rows, _reasons(planner, g, cand, est, budget))
+    raise _not_fit(planner, model, input_shape, batch_size, optimizer, profile, num_classes, name, budget)
+
+
+def _verify(planner: Planner, g: StepWide, got: tuple, budget: int, args: tuple) -> tuple[Plan, Estimate, float] | None:
+    """Exact estimate of the plan; on overshoot solve again with the overshoot taken off (3 tries)."""
+    target = budget
+    for _ in range(3):
+        chosen, _, factor = got
+        cand = planner.to_plan(g, chosen)
+        est = estimate_plan(args[0], cand, *args[1:])
+        over = est.predicted["peak_device_bytes"] - budget
+        if over <= 0:
+            return cand, est, factor
+        target -= over + budget // 100
+        got = planner.solve(g, target)
+        if got is None:
+            return None
+    return None
+
+
+def estimate_plan(
+    model, plan: Plan, input_shape, batch_size, optimizer, profile, num_classes=None, name="model"
+) -> Estimate:
+    """`estimate` of a model with a per-layer plan applied (fake tensors, nothing allocated)."""
+    import copy
+
+    from edgetrain.memory.predict import estimate as _estimate
+    from edgetrain.plan.plan import apply_plan_
+
+    m = copy.deepcopy(model)
+    apply_plan_(m, Plan(layers=plan.layers))
+    est = _estimate(m, input_shape, batch_size, optimizer, profile, plan.methods, num_classes, name)
+    est.methods = [plan.summary()]
+    return est
+
+
+def _plan_risk(p: Plan) -> int:
+    return max([0, *(parse_spec(s).risk for s in [*p.methods, *p.layers.values()])])
+
+
+def _row(p: Plan, est: Estimate, factor: float, fits: bool) -> dict:
+    return {"plan": p.summary(), "peak_device_bytes": est.predicted["peak_device_bytes"], "overhead": factor,
+            "risk": _plan_risk(p), "fits": fits}  # fmt: skip
+
+
+def _reasons(planner: Planner, g: StepWide, p: Plan, est: Estimate, budget: int) -> list[str]:
+    out = [f"plain needs {planner.plain.predicted['peak_device_bytes'] / MiB:.0f} MiB, over the budget of "
+           f"{budget / MiB:.0f} MiB; this plan: {est.predicted['peak_device_bytes'] / MiB:.0f} MiB"]  # fmt: skip
+    if g.precision != "fp32":
+        out.append(f"{g.precision}: the device computes it faster and saved activations halve")
+    if g.micro_batches > 1:
+        out.append(f"{g.micro_batches} micro-batches: activations of 1/{g.micro_batches} of the batch at a time")
+    for u in planner.table.units:
+        o = p.layers.get(u.name, "plain")
+        if o != "plain":
+            cost = option_seconds(u, o, planner.profile) / planner.t0
+            out.append(f"{u.name}: {o} keeps {planner._saved(o, u, g) / MiB:.1f} of "
+                       f"{planner._saved('plain', u, g) / MiB:.1f} MiB for +{cost:.1%} time")  # fmt: skip
+    return out
+
+
+def _finish(doc: Plan, chosen: Plan, est: Estimate, factor: float, rows: list[dict], reasons: list[str]) -> Plan:
+    doc.methods, doc.layers, doc.shapes = chosen.methods, chosen.layers, chosen.shapes
+    doc.predicted, doc.overhead, doc.risk = est.predicted, round(factor, 4), _plan_risk(chosen)
+    doc.candidates, doc.reasons = rows, reasons
+    return doc
+
+
+def _not_fit(planner, model, input_shape, batch_size, optimizer, profile, num_classes, name, budget) -> BudgetError:
+    """The smallest peak reachable (everything at its most saving, finest micro-batches), and advice."""
+    g = step_wide_options(profile, batch_size)[-1]
+    least = {u.name: min(u.options(), key=lambda o, u=u: planner._saved(o, u, g)) for u in planner.table.units}
+    p = planner.to_plan(g, least)
+    est = estimate_plan(model, p, input_shape, batch_size, optimizer, profile, num_classes, name)
+    peak = est.predicted["peak_device_bytes"]
+    fixed = planner.device_bytes(planner.table.fixed_bytes)
+    advice = "use a smaller model, sgd instead of adamw, or freeze layers (the weights, gradients and optimizer state alone do not fit)"
+    if fixed < budget:
+        per_sample = max(1, (peak - fixed) / batch_size)
+        fit_b = int((budget - fixed) / per_sample)
+        size = int(input_shape[-1] * math.sqrt(max(0.0, (budget - fixed) / max(1, peak - fixed))))
+        advice = (
+            f"try -b {max(fit_b, 1)} or -s {max(size // 8 * 8, 8)} (predicted to fit with that plan)"
+            if fit_b >= 1
+            else advice
+        )
+    return BudgetError(
+        f"nothing fits {profile.name}: the smallest peak reachable is {peak / MiB:.0f} MiB ({p.summary()}) against a "
+        f"budget of {budget / MiB:.0f} MiB: {advice}"
+    )

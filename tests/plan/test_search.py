@@ -1,0 +1,81 @@
+"""The search: exact against brute force, plain when it fits, real steps under the budget, not-fit advice."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from edgetrain.devices.store import get_device, save_profile
+from edgetrain.errors import BudgetError
+from edgetrain.memory.guard import tensor_budget
+from edgetrain.memory.measure import StepSpec, tracked_step
+from edgetrain.models import create_model
+from edgetrain.plan import apply_plan_, plan_for
+from edgetrain.plan.search import brute_force, knapsack
+
+MiB = 2**20
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_knapsack_equals_brute_force(seed):
+    rng = random.Random(seed)
+    items = [[(rng.randint(0, 100), rng.random()) for _ in range(rng.randint(1, 5))] for _ in range(rng.randint(1, 5))]
+    cap = rng.randint(0, 300)
+    got, best = knapsack(items, cap, buckets=64), brute_force(items, cap, buckets=64)
+    if best is None:
+        assert got is None
+    else:
+        choice, cost = got
+        assert cost == pytest.approx(best)
+        assert sum(items[u][k][0] for u, k in enumerate(choice)) <= cap  # rounding up keeps it feasible
+        assert sum(items[u][k][1] for u, k in enumerate(choice)) == pytest.approx(cost)
+
+
+def _profile(tmp_path, usable_mib: int, name: str = "tiny") -> str:
+    p = get_device("cpu").replace(name=name, kind="cuda", usable_memory_bytes=usable_mib * MiB, workspace_bytes=0,
+                                  allocator="cpu-malloc", bf16_supported=False, reserved_bytes={})  # fmt: skip
+    return str(save_profile(p, name, tmp_path))
+
+
+def test_plain_when_it_fits():
+    p = plan_for(create_model("cifar_resnet8"), (3, 32, 32), 32, "gtx750-1gb")
+    assert p.is_plain and p.overhead == 1.0 and p.candidates[0]["chosen"]
+    assert "fits as it is" in p.reasons[0]
+
+
+@pytest.mark.parametrize("model,size,batch,budget_mib", [
+    ("cifar_resnet20", 32, 64, 30),
+    ("mobilenet_v2", 64, 16, 70),
+    ("resnet18", 64, 32, 175),
+])  # fmt: skip
+def test_the_plan_fits_a_real_step_under_the_guard(tmp_path, model, size, batch, budget_mib):
+    device = _profile(tmp_path, budget_mib)
+    m = create_model(model)
+    p = plan_for(m, (3, size, size), batch, device, name=model)
+    assert not p.is_plain and p.predicted["peak_device_bytes"] <= budget_mib * MiB
+    settings = apply_plan_(m, p)
+    report = tracked_step(
+        m,
+        StepSpec((3, size, size), batch, 10, settings=settings),
+        fake=False,
+        budget_bytes=tensor_budget(get_device(device)),
+    )  # raises EdgeOOMError past the budget
+    assert report.peak_bytes == pytest.approx(p.predicted["peak_total_bytes"], rel=0.05)
+
+
+def test_prefer_accuracy_avoids_lossy_methods_when_exact_ones_fit(tmp_path):
+    device = _profile(tmp_path, 45)  # checkpointing fits (40 MiB); plain needs 100
+    m = create_model("cifar_resnet20")
+    exact = plan_for(m, (3, 32, 32), 64, device, prefer="accuracy")
+    assert exact.risk == 0 and exact.layers and set(exact.layers.values()) == {"checkpoint"}
+    fast = plan_for(m, (3, 32, 32), 64, device, prefer="speed")
+    assert fast.overhead <= exact.overhead
+
+
+def test_nothing_fits_says_the_smallest_peak_and_what_to_do(tmp_path):
+    with pytest.raises(BudgetError) as e:
+        plan_for(create_model("resnet18"), (3, 224, 224), 8, "gtx750-1gb", budget_bytes=200 * MiB)
+    msg = str(e.value)
+    assert "nothing fits gtx750-1gb: the smallest peak reachable is" in msg and "budget of 200 MiB" in msg
+    assert "try -b" in msg or "weights, gradients and optimizer state alone" in msg
