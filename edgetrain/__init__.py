@@ -8,16 +8,34 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from edgetrain import plan  # noqa: E402 - callable: edgetrain.plan(model, ...)
-from edgetrain.devices.profile import DeviceProfile, load_profile
-from edgetrain.devices.store import get_device, list_devices
-from edgetrain.errors import BudgetError, ConfigError, EdgeOOMError, EdgetrainError, ProfileError
-from edgetrain.memory.guard import BudgetGuard
-from edgetrain.memory.predict import Estimate, estimate
-from edgetrain.memory.tracker import MemoryTracker
-from edgetrain.methods.base import apply_method_, list_methods, parse_spec
-from edgetrain.models import create_model, list_models
-from edgetrain.plan import Plan, apply_plan_
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The public API, imported on first use: `import edgetrain` stays light (no torch), so the
+# on-device runtime (`edgetrain.runtime`, `edgetrain finetune`) runs where only onnxruntime is.
+_LAZY = {
+    "DeviceProfile": "edgetrain.devices.profile", "load_profile": "edgetrain.devices.profile",
+    "get_device": "edgetrain.devices.store", "list_devices": "edgetrain.devices.store",
+    "BudgetError": "edgetrain.errors", "ConfigError": "edgetrain.errors", "EdgeOOMError": "edgetrain.errors",
+    "EdgetrainError": "edgetrain.errors", "ProfileError": "edgetrain.errors",
+    "BudgetGuard": "edgetrain.memory.guard", "Estimate": "edgetrain.memory.predict",
+    "estimate": "edgetrain.memory.predict", "MemoryTracker": "edgetrain.memory.tracker",
+    "apply_method_": "edgetrain.methods.base", "list_methods": "edgetrain.methods.base",
+    "parse_spec": "edgetrain.methods.base", "create_model": "edgetrain.models", "list_models": "edgetrain.models",
+    "Plan": "edgetrain.plan", "apply_plan_": "edgetrain.plan",
+}  # fmt: skip
+
+if TYPE_CHECKING:
+    from edgetrain import plan  # noqa: F401 - callable: edgetrain.plan(model, ...)
+    from edgetrain.devices.profile import DeviceProfile
+
+
+def __getattr__(name: str) -> Any:
+    if name == "plan":  # the callable package: edgetrain.plan(model, input_shape, batch_size, device=...)
+        return importlib.import_module("edgetrain.plan")
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'edgetrain' has no attribute {name!r}")
 
 
 def profile_device(name: str | None = None, quick: bool = False) -> DeviceProfile:

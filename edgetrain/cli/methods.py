@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from edgetrain.cli.common import Verb, add_json, print_json, table
-from edgetrain.methods.base import describe_methods
 
 
 class Methods(Verb):
@@ -17,6 +16,8 @@ class Methods(Verb):
         add_json(p)
 
     def run(self, args: argparse.Namespace) -> int:
+        from edgetrain.methods.base import describe_methods
+
         rows = describe_methods()
         if args.json:
             print_json(rows)

@@ -159,6 +159,26 @@ def swap_class_(module: nn.Module, mixin: type) -> nn.Module:
     return module
 
 
+def set_exportable(model: nn.Module) -> list[str]:
+    """Switch custom-autograd methods off so that the model can be traced (timm's `set_exportable`):
+    class swaps are undone and reversible chains run as plain layers. The function computed is the
+    same; only what backward keeps changes. Returns the names of the methods switched off."""
+    off: set[str] = set()
+    plain = {swapped: (mixin, base) for (mixin, base), swapped in _SWAPPED.items()}
+    for m in model.modules():
+        if type(m) in plain:
+            mixin, base = plain[type(m)]
+            m.__class__ = base
+            off.add(getattr(mixin, "method", mixin.__name__))
+        elif hasattr(type(m), "plain_class"):  # a class set directly (a checkpointed VGG stage)
+            off.add(type(m).method)
+            m.__class__ = type(m).plain_class
+        if getattr(m, "enabled", False) and hasattr(m, "reversible_method"):
+            m.enabled = False
+            off.add("reversible")
+    return sorted(off)
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -50,6 +50,8 @@ def frozen_bn_stats(module: nn.Module):
 class _Checkpointed:
     """Mixin put in front of a block's class: forward through `checkpoint` when training."""
 
+    method = "checkpoint"
+
     def forward(self, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
             return super().forward(*args, **kwargs)
@@ -84,6 +86,9 @@ class CheckpointHandler(MethodHandler):
 class _CheckpointedStage(nn.Sequential):
     """A flat stage run as segments that each end after a pooling layer; each segment is
     checkpointed, so backward holds one segment's activations at a time."""
+
+    method = "checkpoint"
+    plain_class = nn.Sequential
 
     def forward(self, x):
         if not (self.training and torch.is_grad_enabled()):

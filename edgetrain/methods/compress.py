@@ -201,6 +201,8 @@ def _pair(v: Any) -> tuple[int, int]:
 class _Compressed:
     """Mixin put in front of a layer's class: its forward runs under `CompressHooks`."""
 
+    method = "compress"
+
     _compress: CompressConfig
 
     def forward(self, x, *args, **kwargs):

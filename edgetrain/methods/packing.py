@@ -21,32 +21,44 @@ import torch.nn.functional as F
 META_DTYPE = torch.bfloat16  # min and scale per group: 4 bytes a group
 
 
+def _pack_float(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """Float codes in [0, 2**bits) (numel a multiple of 8 // bits) -> uint8 bytes. A small matvec
+    (code i times 2**(bits*i)) is exact in float32 and far faster than shifts on uint8."""
+    per = 8 // bits
+    if per == 1:
+        return v.reshape(-1).to(torch.uint8)
+    w = torch.tensor([float(2 ** (bits * i)) for i in range(per)], device=v.device)  # (per,)
+    return (v.reshape(-1, per) @ w).to(torch.uint8)
+
+
+def _unpack_float(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 bytes -> float codes, flat, through a 256-row lookup table (one gather a byte)."""
+    if bits == 8:
+        return p.float()
+    per = 8 // bits
+    table = torch.stack([(torch.arange(256, device=p.device) >> (bits * i)) & (2**bits - 1) for i in range(per)], 1)
+    return F.embedding(p.int(), table.float()).reshape(-1)  # (numel * per,)
+
+
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes < 2**bits (numel a multiple of 8 // bits) -> uint8 with 8 // bits codes a byte."""
-    if bits == 8:
-        return q.reshape(-1)
-    per = 8 // bits
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=q.device)  # (per,)
-    return (q.reshape(-1, per) << shifts).sum(dim=1, dtype=torch.uint8)  # codes do not overlap: sum == or
+    return _pack_float(q.float(), bits)
 
 
 def unpack_bits(p: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack_bits`: uint8 codes, flat."""
-    if bits == 8:
-        return p
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=p.device)
-    return ((p.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)
+    return _unpack_float(p, bits).to(torch.uint8)
 
 
 def pack_mask(m: torch.Tensor) -> torch.Tensor:
     """A boolean tensor at 1 bit per element (padded to a whole byte)."""
-    flat = m.reshape(-1).to(torch.uint8)
-    return pack_bits(F.pad(flat, (0, (-flat.numel()) % 8)), 1)
+    flat = m.reshape(-1).float()
+    return _pack_float(F.pad(flat, (0, (-flat.numel()) % 8)), 1)
 
 
 def unpack_mask(p: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     n = shape.numel()
-    return unpack_bits(p, 1)[:n].view(shape).bool()
+    return _unpack_float(p, 1)[:n].view(shape).bool()
 
 
 @dataclass
@@ -64,6 +76,16 @@ class Packed:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+def uniform_noise(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """U[0, 1) in steps of 1/256, centred (k + 0.5) / 256: seven random bytes from every 64-bit draw,
+    3.5x cheaper than `torch.rand` on a CPU. Stochastic rounding with it is biased by at most
+    1/512 of a quantization step."""
+    n = shape.numel()
+    r = torch.empty(-(-n // 7), dtype=torch.int64, device=device).random_()  # [0, 2**63): 7 full bytes each
+    u8 = r.view(torch.uint8).view(-1, 8)[:, :7].reshape(-1)[:n]  # little-endian: the top byte is dropped
+    return u8.float().add_(0.5).mul_(1 / 256).view(shape)
 
 
 def _round_out(lo: torch.Tensor, width: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,22 +110,24 @@ def quantize(x: torch.Tensor, bits: int, group: int = 256, stochastic: bool = Tr
     values keep a code >= 1, so `decoded > 0` equals `x > 0` exactly (what ReLU's backward reads)."""
     levels = 2**bits - 1
     g = _groups(x, group)  # (G, group)
-    lo, hi = g.amin(dim=1), g.amax(dim=1)  # (G,)
+    lo, hi = torch.aminmax(g, dim=1)  # (G,)
     lo_b, sc_b = _round_out(lo, hi - lo, levels)
-    v = (g - lo_b.float()[:, None]) / sc_b.float()[:, None]
-    v = v + (torch.rand_like(v) if stochastic else 0.5)
-    q = v.floor_().clamp_(0, levels)
-    if zero_exact:
-        q = torch.where((g > 0) & (lo_b == 0)[:, None], q.clamp(min=1), q)
-    codes = pack_bits(q.to(torch.uint8), bits)
+    inv = 1.0 / sc_b.float()
+    v = torch.addcmul((-lo_b.float() * inv)[:, None], g, inv[:, None])  # (G, group) in [0, levels]
+    # noise lies in [1/512, 1 - 1/512] and v in [0, levels] (bounds rounded outwards): no clamp needed
+    v.add_(uniform_noise(v.shape, v.device) if stochastic else 0.5).floor_()
+    if zero_exact:  # where the group's min is 0, positives keep code >= 1
+        thr = torch.where(lo_b == 0, 0.0, float("inf"))  # (G,)
+        v = torch.maximum(v, (g > thr[:, None]).float())
+    codes = _pack_float(v, bits)
     meta = torch.stack([lo_b, sc_b])  # (2, G) bf16
     return Packed("quant", x.shape, x.dtype, (codes, meta), bits, group)
 
 
 def dequantize(p: Packed) -> torch.Tensor:
     codes, meta = p.tensors
-    q = unpack_bits(codes, p.bits).view(-1, p.group).float()  # (G, group)
-    x = meta[0].float()[:, None] + q * meta[1].float()[:, None]
+    q = _unpack_float(codes, p.bits).view(-1, p.group)  # (G, group)
+    x = torch.addcmul(meta[0].float()[:, None], q, meta[1].float()[:, None])
     return x.reshape(-1)[: p.shape.numel()].view(p.shape).to(p.dtype)
 
 

@@ -190,6 +190,8 @@ class _rng:
 class ReversibleSequence(nn.Module):
     """A chain of couplings and invertible downsamplings whose activations are not stored."""
 
+    reversible_method = True  # `set_exportable` turns `enabled` off
+
     def __init__(self, blocks: list[nn.Module], check_every: int = 0, tolerance: float = 1e-3, enabled: bool = True):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)

@@ -1,0 +1,105 @@
+"""onnxruntime-training on the board, through its compiled bindings only.
+
+`onnxruntime.training` (and `.api`) import torch at import time (upstream issue #22070); the
+classes it wraps, `CheckpointState`, `Module` and `Optimizer` in `onnxruntime.capi._pybind_state`,
+do not. `OrtTrainer` wraps those, as `onnxruntime.training.api` does, without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetrain.errors import ConfigError
+
+ARTIFACTS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_manifest(directory: str | Path) -> dict[str, Any]:
+    """The artifacts' manifest, with every file present and matching its checksum."""
+    d = Path(directory)
+    path = d / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(f"{d}: no manifest.json; export the artifacts with `edgetrain export --out {d}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path}: not valid JSON; export the artifacts again") from None
+    for name in ARTIFACTS:
+        f = d / name
+        if not f.is_file():
+            raise ConfigError(f"{d}: artifact {name} is missing; copy the whole directory or export again")
+        want = manifest.get("files", {}).get(name)
+        if want != sha256_file(f):
+            raise ConfigError(f"{f}: checksum does not match manifest.json (corrupt or partial copy): copy it again")
+    return manifest
+
+
+class OrtTrainer:
+    """Training and evaluation steps, optimizer, checkpoints and inference export of one artifact set."""
+
+    def __init__(self, directory: str | Path, checkpoint: str | Path | None = None, device: str = "cpu"):
+        from onnxruntime.capi import _pybind_state as C
+        from onnxruntime.capi.onnxruntime_inference_collection import get_ort_device_type
+
+        self._C = C
+        d = Path(directory)
+        self.manifest = load_manifest(d)
+        self.input_shape = tuple(self.manifest["input"]["shape"])
+        self.state = C.load_checkpoint(str(checkpoint or d / "checkpoint"))
+        dev = C.OrtDevice(get_ort_device_type(device, 0), C.OrtDevice.default_memory(), 0)
+        opts = C.SessionOptions()
+        self.module = C.Module(str(d / "training_model.onnx"), self.state, str(d / "eval_model.onnx"), dev, opts)
+        self.optimizer = C.Optimizer(str(d / "optimizer_model.onnx"), self.state, dev, opts)
+
+    def _check(self, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise ConfigError(
+                f"input batch of shape {tuple(x.shape)} does not match the artifacts' (N, {', '.join(map(str, self.input_shape))})"
+            )
+        return [np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.int64)]
+
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """Forward, backward and optimizer step; returns (loss, logits)."""
+        fetches = self._C.OrtValueVector()
+        self.module.train_step(self._check(x, y), fetches)
+        self.optimizer.optimizer_step()
+        self.module.lazy_reset_grad()
+        return float(fetches[0].numpy()), fetches[1].numpy()
+
+    def eval_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        fetches = self._C.OrtValueVector()
+        self.module.eval_step(self._check(x, y), fetches)
+        return float(fetches[0].numpy()), fetches[1].numpy()
+
+    def set_lr(self, lr: float) -> None:
+        self.optimizer.set_learning_rate(lr)
+
+    def parameter(self, name: str) -> np.ndarray:
+        return self.state.get_parameter(name).data.numpy()
+
+    def save(self, path: str | Path) -> Path:
+        """Atomically: written next to `path`, then renamed over it."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        self._C.save_checkpoint(self.state, str(tmp), True)
+        os.replace(tmp, path)
+        return path
+
+    def export_inference(self, path: str | Path) -> Path:
+        """An inference graph (input -> logits) with the current weights, for plain onnxruntime."""
+        self.module.export_model_for_inferencing(str(path), ["logits"])
+        return Path(path)
