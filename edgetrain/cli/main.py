@@ -8,6 +8,8 @@ import sys
 from edgetrain.cli.common import Verb
 from edgetrain.cli.devices import Devices
 from edgetrain.cli.estimate import Estimate
+from edgetrain.cli.export import Export
+from edgetrain.cli.finetune import Finetune
 from edgetrain.cli.fit import Fit
 from edgetrain.cli.methods import Methods
 from edgetrain.cli.models import Models
@@ -15,7 +17,7 @@ from edgetrain.cli.plan import PlanVerb
 from edgetrain.cli.profile import Profile
 from edgetrain.errors import EdgetrainError
 
-VERBS: list[Verb] = [Devices(), Profile(), Models(), Methods(), Estimate(), PlanVerb(), Fit()]
+VERBS: list[Verb] = [Devices(), Profile(), Models(), Methods(), Estimate(), PlanVerb(), Fit(), Export(), Finetune()]
 
 
 def build_parser() -> argparse.ArgumentParser:

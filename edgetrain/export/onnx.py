@@ -128,8 +128,10 @@ def export_artifacts(
 ) -> dict[str, Any]:
     """Write the artifacts and manifest to `out`; returns the manifest."""
     import onnx
+    import onnxruntime
     from onnxruntime.training import artifacts
 
+    onnxruntime.set_default_logger_severity(3)
     if loss not in ("ce", "mse") or optimizer not in ("sgd", "adamw") or bn not in ("frozen", "batch"):
         raise ConfigError(f"loss ce|mse, optimizer sgd|adamw, bn frozen|batch; got {loss}, {optimizer}, {bn}")
     out = Path(out)

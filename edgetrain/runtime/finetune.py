@@ -69,7 +69,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
         if not progress_file.is_file():
             raise ConfigError(f"{out}: nothing to resume (no progress.json); start without --resume")
         saved = json.loads(progress_file.read_text())
-        cfg = FinetuneConfig(**{**saved["config"], "quiet": cfg.quiet, "out": cfg.out})
+        cfg = FinetuneConfig(**{**saved["config"], "quiet": cfg.quiet, "out": cfg.out, "epochs": cfg.epochs})
+        saved["config"] = asdict(cfg)
     elif progress_file.exists():
         raise ConfigError(f"{out} already holds a fine-tuning run: use --resume or another --out")
     manifest = load_manifest(cfg.artifacts)

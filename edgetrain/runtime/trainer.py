@@ -56,6 +56,7 @@ class OrtTrainer:
         from onnxruntime.capi.onnxruntime_inference_collection import get_ort_device_type
 
         self._C = C
+        C.set_default_logger_severity(3)  # errors only: the graph transformers log every pass at info
         d = Path(directory)
         self.manifest = load_manifest(d)
         self.input_shape = tuple(self.manifest["input"]["shape"])
