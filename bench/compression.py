@@ -39,36 +39,46 @@ METHODS = [
 ]
 
 
-def _step_time(model, spec: StepSpec, repeat: int) -> float:
-    opt = make_optimizer("sgd", model.parameters())
-    x, y = torch.randn(spec.batch_size, *spec.input_shape), torch.randint(0, 10, (spec.batch_size,))
-    times = []
-    for _ in range(repeat + 1):
-        t0 = time.perf_counter()
-        train_step(model, x, y, opt, spec.settings)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+def _interleaved_times(steps: list, repeat: int) -> list[float]:
+    """Median step time of each (model, spec) with the methods taking turns, step by step, so that
+    the machine's drift hits them all alike."""
+    runs = []
+    for model, spec in steps:
+        opt = make_optimizer("sgd", model.parameters())
+        x, y = torch.randn(spec.batch_size, *spec.input_shape), torch.randint(0, 10, (spec.batch_size,))
+        train_step(model, x, y, opt, spec.settings)  # warm-up
+        runs.append((model, spec, opt, x, y))
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeat):
+        for i, (model, spec, opt, x, y) in enumerate(runs):
+            t0 = time.perf_counter()
+            train_step(model, x, y, opt, spec.settings)
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def bytes_table(quick: bool) -> list[dict]:
-    print("\n1. saved activations and step time, ratios to plain fp32 (one real step each, same run)")
+    print("\n1. saved activations and step time, ratios to plain fp32 (real steps; methods take turns, medians)")
     print(f"{'case':<22} {'method':<24} {'saved MiB':>10} {'x plain':>8} {'target':>7} {'est err':>8} "
           f"{'step s':>7} {'x plain':>8}")  # fmt: skip
     rows = []
     for name in ("resnet18", "vgg11_bn"):
         for size, batch in ((32, 32), (224, 4 if quick else 8)):
             model = create_model(name)
-            base = None
+            case, steps = [], []
             for label, methods, target in METHODS:
                 m, _, settings = prepare(model, methods)
                 spec = StepSpec((3, size, size), batch, 10, settings=settings)
                 rep = tracked_step(m, spec, fake=False)
                 pred = estimate(model, (3, size, size), batch, methods=methods).predicted["peak_total_bytes"]
-                sec = _step_time(m, spec, 2 if quick else 5)
-                base = base or (rep.saved_activation_bytes, sec)
+                case.append((label, target, rep, pred))
+                steps.append((m, spec))
+            secs = _interleaved_times(steps, 2 if quick else 5)
+            for (label, target, rep, pred), sec in zip(case, secs, strict=True):
                 row = {"model": name, "size": size, "batch": batch, "method": label, "saved": rep.saved_activation_bytes,
-                       "ratio": rep.saved_activation_bytes / base[0], "target": target, "peak": rep.peak_bytes,
-                       "estimate_error": pred / rep.peak_bytes - 1, "seconds": sec, "time_ratio": sec / base[1]}  # fmt: skip
+                       "ratio": rep.saved_activation_bytes / case[0][2].saved_activation_bytes, "target": target,
+                       "peak": rep.peak_bytes, "estimate_error": pred / rep.peak_bytes - 1, "seconds": sec,
+                       "time_ratio": sec / secs[0]}  # fmt: skip
                 rows.append(row)
                 print(f"{f'{name} {size}px b{batch}':<22} {label:<24} {row['saved'] / MiB:>10.2f} {row['ratio']:>8.3f} "
                       f"{target or '-':>7} {row['estimate_error']:>+8.2%} {sec:>7.3f} {row['time_ratio']:>8.2f}")  # fmt: skip

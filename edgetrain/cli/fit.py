@@ -52,9 +52,9 @@ class Fit(Verb):
         if args.json:
             print_json(report)
         else:
-            mib = 2**20
+            measured = report["measured_peak_bytes"]
+            meas = f"{measured / 2**20:.0f} MiB measured" if measured else "not measured (no step ran)"
             print(f"{report['model']} on {report['device']} ({report['plan']}): "
-                  f"test accuracy {report['test_accuracy']:.2%}; peak {report['measured_peak_bytes'] / mib:.0f} MiB "
-                  f"measured / {report['predicted_peak_bytes'] / mib:.0f} MiB predicted, budget "
-                  f"{report['budget_bytes'] / mib:.0f} MiB; run in {cfg.out}")  # fmt: skip
+                  f"test accuracy {report['test_accuracy']:.2%}; peak {meas} / {report['predicted_peak_bytes'] / 2**20:.0f} "
+                  f"MiB predicted, budget {report['budget_bytes'] / 2**20:.0f} MiB; run in {cfg.out}")  # fmt: skip
         return 0

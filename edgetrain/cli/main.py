@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from edgetrain.cli.common import Verb
+from edgetrain.cli.deploy import Deploy
 from edgetrain.cli.devices import Devices
 from edgetrain.cli.estimate import Estimate
 from edgetrain.cli.export import Export
@@ -17,7 +18,18 @@ from edgetrain.cli.plan import PlanVerb
 from edgetrain.cli.profile import Profile
 from edgetrain.errors import EdgetrainError
 
-VERBS: list[Verb] = [Devices(), Profile(), Models(), Methods(), Estimate(), PlanVerb(), Fit(), Export(), Finetune()]
+VERBS: list[Verb] = [
+    Devices(),
+    Profile(),
+    Models(),
+    Methods(),
+    Estimate(),
+    PlanVerb(),
+    Fit(),
+    Export(),
+    Finetune(),
+    Deploy(),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
