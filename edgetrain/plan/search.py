@@ -27,7 +27,7 @@ from edgetrain.plan.units import UnitTable, has_batchnorm, option_seconds, step_
 
 PREFER = {"speed": 0.05, "accuracy": 2.0}  # weight of one risk rank against a 100% time overhead
 BUCKETS = 512
-MAX_MICRO_BATCHES = 16
+MAX_MICRO_BATCHES = 64
 MiB = 2**20
 
 

@@ -78,11 +78,12 @@ def image_folder_arrays(path: Path, size: int) -> tuple[np.ndarray, np.ndarray, 
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise ConfigError(f"data {path}: no class sub-directories (expected {path}/<class>/<image files>)")
-    xs, ys, bad = [], [], 0
+    xs, ys, bad, total = [], [], 0, 0
     for label, c in enumerate(classes):
         for f in sorted((path / c).iterdir()):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
+            total += 1
             try:
                 with Image.open(f) as im:
                     arr = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / 255
@@ -91,6 +92,8 @@ def image_folder_arrays(path: Path, size: int) -> tuple[np.ndarray, np.ndarray, 
                 continue
             xs.append(arr.transpose(2, 0, 1))
             ys.append(label)
+    if total == 0:
+        raise ConfigError(f"data {path}: the class directories hold no image files")
     if not xs:
-        raise ConfigError(f"data {path}: the class directories hold no readable image files")
+        raise ConfigError(f"data {path}: all {total} images are unreadable: fix or remove them")
     return np.stack(xs), np.asarray(ys, np.int64), classes, bad

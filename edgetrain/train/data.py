@@ -12,8 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from edgetrain.errors import ConfigError
-
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+from edgetrain.runtime.data import MEAN, STD, image_folder_arrays, split_indices
 
 
 @dataclass
@@ -66,15 +65,9 @@ def _to_input(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed stratified split: the same images are test images for every run with this seed."""
-    rng = np.random.default_rng(seed)
-    test = []
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        test += idx[: max(1, int(round(len(idx) * test_fraction)))].tolist()
-    mask = np.zeros(len(y), bool)
-    mask[test] = True
-    return torch.from_numpy(np.flatnonzero(~mask)), torch.from_numpy(np.flatnonzero(mask))
+    """The runtime's fixed stratified split (one place for it), as index tensors."""
+    train, test = split_indices(y, test_fraction, seed)
+    return torch.from_numpy(train), torch.from_numpy(test)
 
 
 def cifar10(path: Path, size: int) -> Data:
@@ -103,33 +96,15 @@ def cifar10(path: Path, size: int) -> Data:
 
 
 def image_folder(path: Path, size: int, seed: int, max_bad_fraction: float = 0.1) -> Data:
-    """root/class_x/*.png|jpg...: decoded once, resized; unreadable files are skipped and counted."""
-    from PIL import Image
-
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
-    if not classes:
-        raise ConfigError(f"data {path}: no class sub-directories (expected {path}/<class>/<image files>)")
-    xs, ys, bad, total = [], [], 0, 0
-    for label, c in enumerate(classes):
-        for f in sorted((path / c).iterdir()):
-            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".gif", ".webp"):
-                continue
-            total += 1
-            try:
-                with Image.open(f) as im:
-                    arr = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / 255
-            except (OSError, ValueError):
-                bad += 1
-                continue
-            xs.append(torch.from_numpy(arr).permute(2, 0, 1))
-            ys.append(label)
-    if total == 0:
-        raise ConfigError(f"data {path}: the class directories hold no image files")
+    """root/class_x/*.png|jpg...: decoded once (the runtime's decoder), resized; unreadable files are
+    skipped and counted."""
+    x, y, classes, bad = image_folder_arrays(path, size)
+    total = len(y) + bad
     if bad > max_bad_fraction * total:
         raise ConfigError(
             f"data {path}: {bad} of {total} images are unreadable (over {max_bad_fraction:.0%}): fix or remove them"
         )
-    x, y = _to_input(torch.stack(xs), size), torch.tensor(ys)
+    x, y = _to_input(torch.from_numpy(x), size), torch.from_numpy(y)
     tr, te = _split(y.numpy(), 0.2, seed)
     data = Data(TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te]), classes, (3, size, size))
     data.skipped = bad  # type: ignore[attr-defined]
