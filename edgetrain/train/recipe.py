@@ -96,7 +96,7 @@ class Recipe:
             print(f"edgetrain fit: skipped {self.data.skipped} unreadable image files in {cfg.data}", file=sys.stderr)
         self.dev = torch.device("cuda" if self.profile.kind != "cpu" and torch.cuda.is_available() else "cpu")
         self.model = create_model(cfg.model, len(self.data.classes))
-        self.plan = Plan.from_dict(state["plan"], "checkpoint") if state else self._plan(cfg.methods)
+        self.plan = _state_plan(state, cfg.model) if state else self._plan(cfg.methods)
         self._apply(self.plan)
         self.model.to(self.dev)
         self.opt = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr)
@@ -286,6 +286,13 @@ class Recipe:
 def fit(cfg: FitConfig | None = None, resume: bool = False, **kwargs: Any) -> dict[str, Any]:
     """Plan, apply and train; returns the report (also written to `<out>/report.json`)."""
     return Recipe(cfg or FitConfig(**kwargs), resume=resume).run()
+
+
+def _state_plan(state: dict[str, Any], model: str) -> Plan:
+    """The plan a checkpoint was trained with (checkpoints before plan version 2 kept a methods list)."""
+    if "plan" in state:
+        return Plan.from_dict(state["plan"], "checkpoint")
+    return Plan(methods=[str(m) for m in state.get("methods", [])], model=model)
 
 
 def _point_last_at(run: Path) -> None:
