@@ -86,7 +86,8 @@ class CompressHooks(torch.autograd.graph.saved_tensors_hooks):
         if hit is not None and hit[0]() is st and hit[1] == t._version and hit[2] == view:
             return hit[3]
         c = self.config
-        p = encode(t, c.scheme, c.bits, c.group, c.stochastic, self.zero_exact)
+        with torch.autocast(t.device.type, enabled=False):  # codes are exact integers: no half-precision matmuls
+            p = encode(t, c.scheme, c.bits, c.group, c.stochastic, self.zero_exact)
         _PACKED[key] = (weakref.ref(st, lambda _r, key=key: _PACKED.pop(key, None)), t._version, view, p)
         self.stats["packed"] += 1
         self.stats["bytes_in"] += t.numel() * t.element_size()
@@ -95,7 +96,10 @@ class CompressHooks(torch.autograd.graph.saved_tensors_hooks):
 
     @staticmethod
     def _unpack(p: Any) -> torch.Tensor:
-        return decode(p) if isinstance(p, Packed) else p
+        if not isinstance(p, Packed):
+            return p
+        with torch.autocast(p.tensors[0].device.type, enabled=False):
+            return decode(p)
 
 
 def _param_views(module: nn.Module) -> tuple[set[int], set[tuple[int, ...]]]:

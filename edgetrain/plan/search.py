@@ -320,16 +320,18 @@ def _not_fit(planner, model, input_shape, batch_size, optimizer, profile, num_cl
     p = planner.to_plan(g, least)
     est = estimate_plan(model, p, input_shape, batch_size, optimizer, profile, num_classes, name)
     peak = est.predicted["peak_device_bytes"]
-    fixed = planner.device_bytes(planner.table.fixed_bytes)
+    fixed = planner.table.fixed_bytes + planner.workspace  # weights, gradients, optimizer state, workspace
     advice = "use a smaller model, sgd instead of adamw, or freeze layers (the weights, gradients and optimizer state alone do not fit)"
     if fixed < budget:
-        per_sample = max(1, (peak - fixed) / batch_size)
-        fit_b = int((budget - fixed) / per_sample)
+        per_sample = max(
+            1.0, (peak - fixed) / max(1.0, batch_size / g.micro_batches)
+        )  # activations scale with the micro-batch
+        fit_micro = int((budget - fixed) / per_sample)
         size = int(input_shape[-1] * math.sqrt(max(0.0, (budget - fixed) / max(1, peak - fixed))))
         advice = (
-            f"try -b {max(fit_b, 1)} or -s {max(size // 8 * 8, 8)} (predicted to fit with that plan)"
-            if fit_b >= 1
-            else advice
+            f"try -b {fit_micro * g.micro_batches} (predicted to fit with that plan)"
+            if fit_micro >= 1
+            else f"try -s {max(size // 8 * 8, 8)} (predicted to fit with that plan)"
         )
     return BudgetError(
         f"nothing fits {profile.name}: the smallest peak reachable is {peak / MiB:.0f} MiB ({p.summary()}) against a "
