@@ -13,9 +13,13 @@ the eval graph keeps the exported running statistics (the runtime cannot update 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
+import sys
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +91,28 @@ def _export_graph(model: nn.Module, path: Path, input_shape: tuple[int, int, int
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def _quiet_native_output():
+    """onnxruntime's gradient builder logs every graph pass from C++ to stderr, and the TorchScript
+    exporter warns about BatchNorm counters it drops: hold both back, replay them on failure."""
+    sys.stderr.flush()
+    saved, log = os.dup(2), tempfile.TemporaryFile()
+    os.dup2(log.fileno(), 2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except BaseException:
+        os.dup2(saved, 2)
+        log.seek(0)
+        sys.stderr.write(log.read().decode(errors="replace")[-4000:])
+        raise
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        log.close()
+
+
 def check_versions(model: Any, where: str) -> None:
     """Fail clearly when the installed onnx wrote what onnxruntime-training 1.19.2 rejects."""
     if model.ir_version > MAX_IR_VERSION:
@@ -139,7 +165,8 @@ def export_artifacts(
     left_out = set_exportable(model)
     requires_grad = trainable_names(model, trainable)
     base = out / "base_model.onnx"
-    _export_graph(model, base, input_shape, bn)
+    with _quiet_native_output():
+        _export_graph(model, base, input_shape, bn)
     graph = onnx.load(str(base))
     check_versions(graph, str(base))
     initializers = [i.name for i in graph.graph.initializer]
@@ -148,12 +175,13 @@ def export_artifacts(
         raise ConfigError(
             f"parameters {missing[:3]} are not in the exported graph: they cannot be trained on the board"
         )
-    artifacts.generate_artifacts(
-        graph, requires_grad=requires_grad, frozen_params=[n for n in initializers if n not in requires_grad],
-        loss=artifacts.LossType.CrossEntropyLoss if loss == "ce" else artifacts.LossType.MSELoss,
-        optimizer=artifacts.OptimType.SGD if optimizer == "sgd" else artifacts.OptimType.AdamW,
-        artifact_directory=str(out), additional_output_names=["logits"],
-    )  # fmt: skip
+    with _quiet_native_output():
+        artifacts.generate_artifacts(
+            graph, requires_grad=requires_grad, frozen_params=[n for n in initializers if n not in requires_grad],
+            loss=artifacts.LossType.CrossEntropyLoss if loss == "ce" else artifacts.LossType.MSELoss,
+            optimizer=artifacts.OptimType.SGD if optimizer == "sgd" else artifacts.OptimType.AdamW,
+            artifact_directory=str(out), additional_output_names=["logits"],
+        )  # fmt: skip
     base.unlink()
     _strip_bn_training_outputs(out / "eval_model.onnx")
     for name in ARTIFACTS[:3]:
