@@ -35,6 +35,8 @@ class Finetune(Verb):
         for key in ("epochs", "batch_size"):
             if getattr(args, key) < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
+        if args.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {args.lr}")
         cfg = FinetuneConfig(args.artifacts, args.data, args.epochs, args.batch_size, args.lr, args.out, args.seed,
                              quiet=args.json)  # fmt: skip
         report = finetune(cfg, resume=args.resume)

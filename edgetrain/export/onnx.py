@@ -152,7 +152,8 @@ def export_artifacts(
     bn: str = "frozen",
     plan: dict | None = None,
 ) -> dict[str, Any]:
-    """Write the artifacts and manifest to `out`; returns the manifest."""
+    """Write the artifacts and manifest to `out`; returns the manifest. `model` itself is changed
+    (methods switched off, norms in primitive ops): pass a copy to keep using it."""
     import onnx
     import onnxruntime
     from onnxruntime.training import artifacts

@@ -14,9 +14,9 @@ import contextlib
 import torch
 from torch import nn
 
-from edgetrain.methods.base import swap_class_
+from edgetrain.methods.base import handler_for
 from edgetrain.methods.checkpoint import frozen_bn_stats
-from edgetrain.methods.compress import CompressConfig, _Compressed
+from edgetrain.methods.compress import CompressConfig
 
 SENSITIVE_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.GroupNorm)
 
@@ -30,8 +30,7 @@ def _grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def _compressed(module: nn.Module, config: CompressConfig):
     cls = type(module)
-    swap_class_(module, _Compressed)
-    module._compress = config  # type: ignore[assignment]
+    handler_for(config).apply(module, config)
     try:
         yield
     finally:

@@ -10,6 +10,7 @@ if the estimate says it does not fit, the knapsack is solved again with the over
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from edgetrain.errors import BudgetError, ConfigError
 from edgetrain.memory.measure import StepSpec
 from edgetrain.memory.predict import Estimate, _num_classes, estimate
 from edgetrain.methods.base import parse_spec
-from edgetrain.plan.plan import Plan, param_shapes
+from edgetrain.plan.plan import Plan, apply_plan_, param_shapes
 from edgetrain.plan.units import UnitTable, has_batchnorm, option_seconds, step_seconds, unit_table
 
 PREFER = {"speed": 0.05, "accuracy": 2.0}  # weight of one risk rank against a 100% time overhead
@@ -104,8 +105,6 @@ class Planner:
     """Holds the unit table of one model/step and answers for each step-wide setting."""
 
     def __init__(self, model: nn.Module, spec: StepSpec, profile: DeviceProfile, prefer: str, plain: Estimate):
-        if prefer not in PREFER:
-            raise ConfigError(f"--prefer must be speed or accuracy, got {prefer!r}")
         self.model, self.spec, self.profile, self.weight = model, spec, profile, PREFER[prefer]
         self.plain = plain
         self.table: UnitTable = unit_table(model, spec)
@@ -119,7 +118,7 @@ class Planner:
         self.has_bn = has_batchnorm(model)
 
     def _saved(self, option: str, unit, g: StepWide) -> int:
-        s = unit.saved[option] if option in unit.saved else _derive_8bit(unit.saved)
+        s = unit.saved[option]
         if g.precision != "fp32" and option in ("plain", "checkpoint"):
             s //= 2
         return s // g.micro_batches
@@ -188,12 +187,6 @@ class Planner:
         return Plan(methods=g.methods(), layers=layers, shapes={n: param_shapes(mods[n]) for n in layers})
 
 
-def _derive_8bit(saved: dict[str, int]) -> int:
-    """8-bit bytes from the 4- and 2-bit runs: codes grow linearly with bits, metadata does not."""
-    s4, s2 = saved["compress:bits=4"], saved["compress:bits=2"]
-    return s4 + 2 * (s4 - s2)
-
-
 def plan(
     model: nn.Module,
     input_shape: tuple[int, int, int],
@@ -209,6 +202,8 @@ def plan(
 
     Plain when the model fits as it is; `BudgetError` with the smallest reachable peak and what
     would make it fit when nothing does."""
+    if prefer not in PREFER:
+        raise ConfigError(f"--prefer must be speed or accuracy, got {prefer!r}")
     profile = get_device(device)
     budget = budget_bytes or profile.usable_memory_bytes
     plain = estimate(model, input_shape, batch_size, optimizer, profile, [], num_classes, name)
@@ -269,14 +264,9 @@ def estimate_plan(
     model, plan: Plan, input_shape, batch_size, optimizer, profile, num_classes=None, name="model"
 ) -> Estimate:
     """`estimate` of a model with a per-layer plan applied (fake tensors, nothing allocated)."""
-    import copy
-
-    from edgetrain.memory.predict import estimate as _estimate
-    from edgetrain.plan.plan import apply_plan_
-
     m = copy.deepcopy(model)
     apply_plan_(m, Plan(layers=plan.layers))
-    est = _estimate(m, input_shape, batch_size, optimizer, profile, plan.methods, num_classes, name)
+    est = estimate(m, input_shape, batch_size, optimizer, profile, plan.methods, num_classes, name)
     est.methods = [plan.summary()]
     return est
 

@@ -9,6 +9,7 @@ forward and still held when forward ends are that unit's saved bytes under that 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from edgetrain.devices.profile import DeviceProfile
 from edgetrain.memory.measure import StepSpec, tracked_step
 from edgetrain.memory.predict import _quiet_fake_tensor_log
-from edgetrain.memory.tracker import MemoryReport, MemoryTracker
+from edgetrain.memory.tracker import MemoryTracker
 from edgetrain.methods.base import handler_for, parse_spec
 from edgetrain.methods.compress import LAYER_TYPES
 from edgetrain.plan.plan import Plan, apply_plan_
@@ -49,13 +50,6 @@ class UnitTable:
     peaks: dict[str, int]  # option applied everywhere -> tensor peak of the step
     fixed_bytes: int  # parameters + gradients + optimizer state
     flops: int  # forward FLOPs of the whole model
-    reports: dict[str, MemoryReport] = field(default_factory=dict, repr=False)
-
-    def residual(self, option: str) -> int:
-        """What the all-`option` peak has beyond the linear model (recompute transients)."""
-        linear = self.peaks["plain"] + sum(u.saved.get(option, u.saved["plain"]) - u.saved["plain"] for u in self.units)
-
-        return max(0, self.peaks[option] - linear)
 
 
 def find_units(model: nn.Module) -> list[Unit]:
@@ -110,11 +104,8 @@ def _range_hooks(model: nn.Module, units: list[Unit], ranges: dict[str, list[int
 
 def unit_table(model: nn.Module, spec: StepSpec, units: list[Unit] | None = None) -> UnitTable:
     """Run one fake step per option (applied to every unit that has it) and split saved bytes by unit."""
-    import copy
-
     units = units if units is not None else find_units(model)
     peaks: dict[str, int] = {}
-    reports: dict[str, MemoryReport] = {}
     flops: dict[str, int] = {}
     for option in RUN_OPTIONS:
         m = copy.deepcopy(model)
@@ -128,13 +119,16 @@ def unit_table(model: nn.Module, spec: StepSpec, units: list[Unit] | None = None
         finally:
             for h in hooks:
                 h.remove()
-        peaks[option], reports[option] = rep.peak_bytes, rep
+        peaks[option] = rep.peak_bytes
         for u in units:
             a, b = ranges.get(u.name, [0, 0])
             u.saved[option] = sum(rep.sizes[r] for r in range(a, b) if rep.categories[r] == "activations")
     for u in units:
+        # 8-bit from the 4- and 2-bit runs: codes grow linearly with bits, metadata does not
+        s4, s2 = u.saved["compress:bits=4"], u.saved["compress:bits=2"]
+        u.saved["compress:bits=8"] = s4 + 2 * (s4 - s2)
         u.flops = sum(v for k, v in flops.items() if k == u.name or k.startswith(u.name + "."))
-    return UnitTable(units, peaks, fixed_bytes(model, spec.optimizer), sum(flops.values()), reports)
+    return UnitTable(units, peaks, fixed_bytes(model, spec.optimizer), sum(flops.values()))
 
 
 def fixed_bytes(model: nn.Module, optimizer: str) -> int:
