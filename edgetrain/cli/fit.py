@@ -16,6 +16,8 @@ class Fit(Verb):
         "edgetrain fit --device cpu --data ./my-images --out runs/mine",
         "edgetrain fit --resume runs/mine",
         "edgetrain fit --device jetson-nano --plan runs/mine/plan.yaml --out runs/again",
+        "edgetrain fit --method tucker2:ratio=0.25,reg=so --epochs 4   # low-rank from scratch, planned on top",
+        "edgetrain fit --init runs/mine/model.pt --method tucker2:energy=0.9 --method partial --epochs 2",
     )
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
@@ -33,6 +35,8 @@ class Fit(Verb):
         )
         p.add_argument("--prefer", choices=("speed", "accuracy"), default="speed", help="the planner's objective")
         p.add_argument("--plan", metavar="YAML", help="use this plan file (e.g. an earlier run's plan.yaml)")
+        p.add_argument("--init", metavar="PT", help="start from these weights (an earlier run's model.pt); "
+                       "with tucker2/cp they are converted, and the errors reported")  # fmt: skip
         p.add_argument(
             "--out", default="", help="run directory (default runs/<date-time>; runs/last points at the newest)"
         )
@@ -46,7 +50,7 @@ class Fit(Verb):
         cfg = FitConfig(
             device=args.device, model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
             input_size=args.input_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
-            out=args.resume or args.out, methods=args.method, plan=args.plan, prefer=args.prefer, ckpt_every=args.ckpt_every, quiet=args.json,
+            out=args.resume or args.out, methods=args.method, plan=args.plan, init=args.init, prefer=args.prefer, ckpt_every=args.ckpt_every, quiet=args.json,
         )  # fmt: skip
         report = fit(cfg, resume=bool(args.resume))
         if args.json:

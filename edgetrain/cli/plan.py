@@ -16,6 +16,7 @@ class PlanVerb(Verb):
         "edgetrain plan -d jetson-nano -m mobilenet_v2 -b 128 -s 224 --prefer accuracy --out plan.yaml",
         "edgetrain plan -d gtx750-1gb -m resnet18 -b 32 -s 224 --plot plan.png --json",
         "edgetrain plan -d jetson-nano -m resnet18 -b 16 -s 64 --verify",
+        "edgetrain plan -d jetson-nano -m resnet18 -b 64 -s 128 --method tucker2:ratio=0.5 --method partial",
         "edgetrain fit -d jetson-nano --plan plan.yaml   # train with it",
     )
 
@@ -24,6 +25,8 @@ class PlanVerb(Verb):
         p.add_argument("--device", "-d", default="gtx750-1gb", help="device profile name or YAML path")
         p.add_argument("--prefer", choices=("speed", "accuracy"), default="speed",
                        help="weigh step time (speed) or accuracy risk (accuracy) first")  # fmt: skip
+        p.add_argument("--method", action="append", default=[], metavar="SPEC",
+                       help="a low-rank method to apply first (tucker2, cp, cp-refused, partial); the rest is planned")  # fmt: skip
         p.add_argument("--out", "-o", metavar="FILE", help="write the plan (YAML, or JSON for *.json)")
         p.add_argument("--plot", metavar="PNG", help="memory by category: plain vs the plan")
         p.add_argument("--verify", action="store_true", help="run one real step under the device's budget guard")
@@ -36,7 +39,7 @@ class PlanVerb(Verb):
         model = create_model(args.model, args.num_classes)
         shape = (args.channels, args.input_size, args.input_size)
         plan = plan_for(model, shape, args.batch_size, args.device, args.optimizer, args.prefer, args.model,
-                        args.num_classes)  # fmt: skip
+                        args.num_classes, methods=args.method)  # fmt: skip
         measured = verify(plan, args) if args.verify else None
         if args.out:
             plan.save(args.out)

@@ -28,6 +28,7 @@ class MethodConfig:
     name: ClassVar[str] = "?"
     risk: ClassVar[int] = 0
     help: ClassVar[str] = ""
+    structural: ClassVar[bool] = False  # changes the layers themselves (low-rank): applied before the rest
 
 
 class MethodHandler:
@@ -173,6 +174,8 @@ def set_exportable(model: nn.Module) -> list[str]:
         elif hasattr(type(m), "plain_class"):  # a class set directly (a checkpointed VGG stage)
             off.add(type(m).method)
             m.__class__ = type(m).plain_class
+        if hasattr(m, "set_exportable_") and (name := m.set_exportable_()):
+            off.add(name)
         if getattr(m, "enabled", False) and hasattr(m, "reversible_method"):
             m.enabled = False
             off.add("reversible")
@@ -203,4 +206,4 @@ def _coerce(value: str, typ: Any, spec: str, key: str) -> Any:
 
 def _load_builtin() -> None:
     """Import the built-in method modules so that they register (once)."""
-    from edgetrain.methods import checkpoint, compress, freeze, precision, reversible  # noqa: F401
+    from edgetrain.methods import checkpoint, compress, freeze, lowrank, partial, precision, reversible  # noqa: F401

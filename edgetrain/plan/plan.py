@@ -113,9 +113,27 @@ def param_shapes(module: nn.Module) -> list[list[int]]:
 
 
 def apply_plan_(model: nn.Module, plan: Plan) -> StepSettings:
-    """Apply `plan` to `model` in place (per-layer specs, then step-wide ones); returns the step
-    settings (precision, micro-batches) the training step must use."""
+    """Apply `plan` to `model` in place: structural (low-rank) methods, then per-layer specs (named
+    as in the factorized model), then the other step-wide ones; returns the step settings
+    (precision, micro-batches, regularizer) the training step must use."""
+    configs = [parse_spec(m) for m in plan.methods]
+    for c in configs:
+        if c.structural:
+            apply_method_(model, c)
     modules = dict(model.named_modules())
+    _check_layers(plan, modules)
+    for name, spec in plan.layers.items():
+        config = parse_spec(spec)
+        pattern = name if handler_for(config).eligible(name, modules[name], config) else f"{name}.*"
+        apply_method_(model, config, layers=pattern)
+    for c in configs:
+        if not c.structural:
+            apply_method_(model, c)
+    return step_settings_for(configs)
+
+
+def _check_layers(plan: Plan, modules: dict[str, nn.Module]) -> None:
+    """Refuse a plan made for another model: a layer it names is missing or has other shapes."""
     for name in plan.layers:
         if name not in modules:
             near = [n for n in modules if n and n.split(".")[-1] == name.split(".")[-1]][:3]
@@ -130,11 +148,3 @@ def apply_plan_(model: nn.Module, plan: Plan) -> StepSettings:
                 f"plan for {plan.model}: layer '{name}' has parameter shapes {param_shapes(modules[name])} "
                 f"here, {want} in the plan: make the plan for this model with `edgetrain plan`"
             )
-    for name, spec in plan.layers.items():
-        config = parse_spec(spec)
-        pattern = name if handler_for(config).eligible(name, modules[name], config) else f"{name}.*"
-        apply_method_(model, config, layers=pattern)
-    configs = [parse_spec(m) for m in plan.methods]
-    for c in configs:
-        apply_method_(model, c)
-    return step_settings_for(configs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -22,7 +23,7 @@ from edgetrain.devices.store import get_device
 from edgetrain.errors import BudgetError, ConfigError
 from edgetrain.memory.measure import StepSpec
 from edgetrain.memory.predict import Estimate, _num_classes, estimate
-from edgetrain.methods.base import parse_spec
+from edgetrain.methods.base import parse_spec, prepare
 from edgetrain.plan.plan import Plan, apply_plan_, param_shapes
 from edgetrain.plan.units import UnitTable, has_batchnorm, option_seconds, step_seconds, unit_table
 
@@ -197,14 +198,28 @@ def plan(
     name: str = "model",
     num_classes: int | None = None,
     budget_bytes: int | None = None,
+    methods: Sequence[str] = (),
 ) -> Plan:
     """The least-cost plan whose predicted device peak fits `device` (or `budget_bytes`).
 
     Plain when the model fits as it is; `BudgetError` with the smallest reachable peak and what
-    would make it fit when nothing does."""
+    would make it fit when nothing does. `methods`: low-rank methods (tucker2, cp, partial) the
+    user chose; they are applied first and the search plans the factorized model."""
     if prefer not in PREFER:
         raise ConfigError(f"--prefer must be speed or accuracy, got {prefer!r}")
     profile = get_device(device)
+    for spec in methods:
+        if not parse_spec(spec).structural:
+            raise ConfigError(f"method '{spec}' is one the planner chooses itself: give only low-rank "
+                              "methods (tucker2, cp, cp-refused, partial), or force everything with fit --method")  # fmt: skip
+    if methods:
+        model = prepare(model, list(methods))[0]
+    chosen = _search(model, input_shape, batch_size, profile, optimizer, prefer, name, num_classes, budget_bytes)
+    chosen.methods = [*methods, *chosen.methods]
+    return chosen
+
+
+def _search(model, input_shape, batch_size, profile, optimizer, prefer, name, num_classes, budget_bytes) -> Plan:
     budget = budget_bytes or profile.usable_memory_bytes
     plain = estimate(model, input_shape, batch_size, optimizer, profile, [], num_classes, name)
     doc = Plan(model=name, input_shape=list(input_shape), batch_size=batch_size, optimizer=optimizer,
@@ -265,8 +280,10 @@ def estimate_plan(
 ) -> Estimate:
     """`estimate` of a model with a per-layer plan applied (fake tensors, nothing allocated)."""
     m = copy.deepcopy(model)
-    apply_plan_(m, Plan(layers=plan.layers))
-    est = estimate(m, input_shape, batch_size, optimizer, profile, plan.methods, num_classes, name)
+    low = [s for s in plan.methods if parse_spec(s).structural]
+    apply_plan_(m, Plan(methods=low, layers=plan.layers))
+    rest = [s for s in plan.methods if s not in low]
+    est = estimate(m, input_shape, batch_size, optimizer, profile, rest, num_classes, name)
     est.methods = [plan.summary()]
     return est
 
@@ -311,7 +328,7 @@ def _not_fit(planner, model, input_shape, batch_size, optimizer, profile, num_cl
     est = estimate_plan(model, p, input_shape, batch_size, optimizer, profile, num_classes, name)
     peak = est.predicted["peak_device_bytes"]
     fixed = planner.table.fixed_bytes + planner.workspace  # weights, gradients, optimizer state, workspace
-    advice = "use a smaller model, sgd instead of adamw, or freeze layers (the weights, gradients and optimizer state alone do not fit)"
+    advice = "use a smaller model or a low-rank one (--method tucker2), sgd instead of adamw, or freeze layers (the weights, gradients and optimizer state alone do not fit)"
     if fixed < budget:
         per_sample = max(
             1.0, (peak - fixed) / max(1.0, batch_size / g.micro_batches)

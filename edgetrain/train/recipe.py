@@ -9,6 +9,7 @@ bit-for-bit on a CPU (model, optimizer, scheduler, RNG, data order and position)
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import signal
@@ -25,6 +26,8 @@ import torch
 from edgetrain.devices.store import get_device
 from edgetrain.errors import ConfigError, EdgeOOMError, EdgetrainError
 from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
+from edgetrain.methods.base import parse_spec
+from edgetrain.methods.lowrank import conversion_report
 from edgetrain.models import create_model
 from edgetrain.plan import Plan, apply_plan_, plan_for
 from edgetrain.train import checkpoint as ckpt
@@ -49,6 +52,7 @@ class FitConfig:
     out: str = ""  # run directory; empty: runs/<date-time>, with runs/last pointing at it
     methods: list[str] = field(default_factory=list)  # forced methods; empty: planned
     plan: str | None = None  # a plan file (from an earlier run's plan.yaml) instead of planning
+    init: str | None = None  # weights to start from (an earlier run's model.pt): low-rank methods convert them
     prefer: str = "speed"  # the planner's objective: speed or accuracy
     ckpt_every: int = 20  # steps between checkpoints (and at every epoch end)
     max_steps: int = 0  # stop after this many steps (0: all epochs); for tests and smoke runs
@@ -95,12 +99,9 @@ class Recipe:
         if getattr(self.data, "skipped", 0):
             print(f"edgetrain fit: skipped {self.data.skipped} unreadable image files in {cfg.data}", file=sys.stderr)
         self.dev = torch.device("cuda" if self.profile.kind != "cpu" and torch.cuda.is_available() else "cpu")
-        self.model = create_model(cfg.model, len(self.data.classes))
-        self.plan = _state_plan(state, cfg.model) if state else self._plan(cfg.methods)
-        self._apply(self.plan)
-        self.model.to(self.dev)
-        self.opt = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr)
         self.train_loader, self.test_loader = self.data.loaders(cfg.batch_size, cfg.seed, self.profile.kind)
+        self._build_model(state)
+        self.opt = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr)
         total = cfg.epochs * len(self.train_loader)
         self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, cfg.lr, total_steps=total, pct_start=0.15)
         self.aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -114,14 +115,29 @@ class Recipe:
         if not self.resume:
             _point_last_at(self.out)
 
+    def _build_model(self, state: dict[str, Any] | None) -> None:
+        """The model with its plan applied, on the device; a low-rank conversion is reported."""
+        cfg = self.cfg
+        self.model = create_model(cfg.model, len(self.data.classes), None if state else cfg.init)
+        self.plan = _state_plan(state, cfg.model) if state else self._plan(cfg.methods)
+        dense = copy.deepcopy(self.model) if state is None and _low_rank(self.plan) else None
+        self._apply(self.plan)
+        self.conversion = conversion_report(dense, self.model, self._sample()) if dense is not None else None
+        if self.conversion and not cfg.quiet:
+            c = self.conversion
+            print(f"edgetrain fit: {len(c['layers'])} layers factorized ({self.plan.methods[0]}): logits error "
+                  f"{c['logits_error']:.3f}, top-1 agreement {c['top1_agreement']:.1%} with the dense model")  # fmt: skip
+        self.model.to(self.dev)
+
     def _plan(self, forced: list[str], budget_bytes: int | None = None) -> Plan:
         cfg = self.cfg
         if cfg.plan and budget_bytes is None:
             return Plan.load(cfg.plan)
-        if forced:
+        low = [m for m in forced if parse_spec(m).structural]
+        if forced and len(low) < len(forced):
             return Plan(methods=list(forced), model=cfg.model)
         chosen = plan_for(self.model, self.data.input_shape, cfg.batch_size, self.profile, cfg.optimizer,
-                          cfg.prefer, cfg.model, len(self.data.classes), budget_bytes)  # fmt: skip
+                          cfg.prefer, cfg.model, len(self.data.classes), budget_bytes, low)  # fmt: skip
         self.out.mkdir(parents=True, exist_ok=True)
         chosen.save(self.out / "plan.yaml")
         return chosen
@@ -192,6 +208,11 @@ class Recipe:
         self.step_times.append(time.perf_counter() - t0)
         return float(loss)
 
+    def _sample(self) -> torch.Tensor:
+        """A fixed batch of training inputs (the conversion report's sample)."""
+        x, _ = next(iter(self.test_loader))
+        return x[:32]
+
     def _tensor_budget(self) -> int:
         return tensor_budget(self.profile)
 
@@ -203,7 +224,7 @@ class Recipe:
         fresh = create_model(self.cfg.model, len(self.data.classes))  # plan on the model as built, not as applied
         model, self.model = self.model, fresh
         try:
-            new = self._plan([], budget_bytes=tighter)
+            new = self._plan([m for m in old.methods if parse_spec(m).structural], budget_bytes=tighter)
         finally:
             self.model = model
         if new.summary() == old.summary():
@@ -293,6 +314,10 @@ def _state_plan(state: dict[str, Any], model: str) -> Plan:
     if "plan" in state:
         return Plan.from_dict(state["plan"], "checkpoint")
     return Plan(methods=[str(m) for m in state.get("methods", [])], model=model)
+
+
+def _low_rank(plan: Plan) -> bool:
+    return any(parse_spec(m).structural for m in plan.methods)
 
 
 def _point_last_at(run: Path) -> None:

@@ -29,6 +29,9 @@ def write_report(recipe) -> dict[str, Any]:
         "measured_peak_bytes": recipe.measured_peak, "budget_bytes": est.budget_bytes,
         "median_step_seconds": median_step_time(recipe.step_times), "config": vars(cfg),
         "skipped_images": getattr(recipe.data, "skipped", 0),
+        "parameters": sum(p.numel() for p in recipe.model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in recipe.model.parameters() if p.requires_grad),
+        "lowrank": recipe.conversion,
     }  # fmt: skip
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in recipe.history))
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))

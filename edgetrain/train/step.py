@@ -16,10 +16,13 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class StepSettings:
-    """Global settings of a step: autocast precision and micro-batches per optimizer step."""
+    """Global settings of a step: autocast precision, micro-batches per optimizer step, and an
+    orthogonality regularizer (`orth`, see methods/orthogonality.py) added to the loss."""
 
     precision: str = "fp32"
     micro_batches: int = 1
+    orth: str = ""
+    orth_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -63,6 +66,8 @@ def train_step(
     for xc, yc in zip(x.chunk(chunks), y.chunk(chunks), strict=True):
         with tr.in_phase("forward"), _autocast(x, settings.precision):
             loss = nn.functional.cross_entropy(model(xc), yc) * (xc.shape[0] / x.shape[0])
+            if settings.orth:
+                loss = loss + settings.orth_weight * (xc.shape[0] / x.shape[0]) * _penalty(model, settings.orth)
         tr.label_live("activations", "forward")
         with tr.in_phase("backward"):
             (scaler.scale(loss) if scaler else loss).backward()
@@ -77,6 +82,12 @@ def train_step(
     tr.track(optimizer_state_tensors(optimizer), "optimizer")
     optimizer.zero_grad(set_to_none=True)
     return total
+
+
+def _penalty(model: nn.Module, kind: str) -> torch.Tensor:
+    from edgetrain.methods.orthogonality import penalty
+
+    return penalty(model, kind)
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer):

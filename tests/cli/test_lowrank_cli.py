@@ -1,0 +1,68 @@
+"""Low-rank methods from the CLI: listed, estimated, planned, fitted (converted and resumed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgetrain.train.recipe import FitConfig, fit
+
+SMALL = dict(model="cifar_resnet8", batch_size=32, input_size=16, epochs=1)
+
+
+def test_methods_lists_the_low_rank_ones(cli_json):
+    names = {m["name"]: m for m in cli_json("methods")}
+    assert {"tucker2", "cp", "cp-refused", "partial"} <= set(names)
+    assert names["tucker2"]["options"]["reg"] == "none" and names["cp-refused"]["options"]["refuse"] is True
+
+
+def test_estimate_shows_the_smaller_parameters_and_the_refused_bytes(cli_json):
+    base = ["estimate", "-m", "cifar_resnet20", "-b", "16", "-s", "32"]
+    plain, low = cli_json(*base), cli_json(*base, "--method", "tucker2:ratio=0.25")
+    cp, refused = cli_json(*base, "--method", "cp:iters=2"), cli_json(*base, "--method", "cp-refused:iters=2")
+    params = [d["predicted"]["peak_by_category"]["parameters"] for d in (plain, low)]
+    assert params[1] < 0.5 * params[0]
+    assert refused["predicted"]["saved_activation_bytes"] < cp["predicted"]["saved_activation_bytes"]
+
+
+def test_estimate_measure_agrees_for_partial_update(cli_json):
+    doc = cli_json("estimate", "-m", "cifar_resnet8", "-b", "8", "-s", "32", "--measure",
+                   "--method", "tucker2", "--method", "partial:factor=last")  # fmt: skip
+    assert doc["measured"]["peak_total_bytes"] == doc["predicted"]["peak_total_bytes"]
+
+
+def test_plan_with_a_low_rank_method(cli_json, tmp_path):
+    doc = cli_json("plan", "-d", "cpu", "-m", "cifar_resnet8", "-b", "8", "-s", "32", "--method", "tucker2",
+                   "--out", str(tmp_path / "p.yaml"))  # fmt: skip
+    assert doc["methods"][0] == "tucker2"
+    r = fit(FitConfig(device="cpu", plan=str(tmp_path / "p.yaml"), out=str(tmp_path / "run"), max_steps=1, **SMALL))
+    assert r["methods"][0] == "tucker2"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["estimate", "-m", "cifar_resnet8", "--method", "tucker2:ratio=0"], "ratio must be in (0, 1]"),
+        (["estimate", "-m", "cifar_resnet8", "--method", "partial"], "no factorized layer"),
+        (["plan", "-m", "cifar_resnet8", "-d", "cpu", "--method", "checkpoint"], "give only low-rank methods"),
+        (["fit", "--init", "nowhere.pt", "--method", "tucker2"], "weights file nowhere.pt not found"),
+    ],
+)
+def test_bad_low_rank_input_is_one_line(cli, args, message):
+    code, _, err = cli(*args)
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_fit_converts_trained_weights_reports_and_resumes(tmp_path):
+    dense = fit(FitConfig(device="cpu", out=str(tmp_path / "dense"), max_steps=6, **SMALL))
+    assert dense["lowrank"] is None
+    cfg = dict(device="cpu", init=str(tmp_path / "dense" / "model.pt"), ckpt_every=2,
+               methods=["tucker2:rank=1000", "partial:factor=last"], **SMALL)  # fmt: skip
+    run = tmp_path / "low"
+    first = fit(FitConfig(out=str(run), max_steps=3, **cfg))
+    low = first["lowrank"]
+    assert low["logits_error"] <= 1e-4 and low["top1_agreement"] == 1.0  # full rank: the same function
+    assert first["trainable_parameters"] < first["parameters"]
+    done = fit(FitConfig(out=str(run), **cfg), resume=True)
+    assert done["steps"] > 3 and json.loads((run / "report.json").read_text())["plan"].startswith("tucker2")

@@ -1,0 +1,252 @@
+"""Low-rank layers: full-rank factorizations reproduce the layer, CP re-fusion equals unfused CP
+with fewer bytes, partial update leaves frozen factors untouched, and the plan/estimate paths."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from edgetrain.errors import ConfigError
+from edgetrain.memory.measure import StepSpec, tracked_step
+from edgetrain.memory.predict import estimate
+from edgetrain.methods import factorize as fz
+from edgetrain.methods import lowrank as lr
+from edgetrain.methods.base import parse_spec, prepare, set_exportable
+from edgetrain.plan import Plan, apply_plan_
+from edgetrain.plan.units import _flop_hooks
+from edgetrain.train.step import make_optimizer, train_step
+
+VARIANTS = {
+    "plain": dict(kernel_size=3),
+    "stride2-pad1": dict(kernel_size=3, stride=2, padding=1),
+    "dilation2": dict(kernel_size=3, padding=2, dilation=2),
+    "groups4": dict(kernel_size=3, padding=1, groups=4),
+    "rect-5x3": dict(kernel_size=(5, 3), padding=(2, 1), stride=(2, 1)),
+    "1x1-stride2": dict(kernel_size=1, stride=2),
+}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_full_rank_tucker2_reproduces_the_conv(variant):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, **VARIANTS[variant])
+    new = lr.tucker2_conv(conv, parse_spec("tucker2:rank=1000"))
+    x = torch.randn(2, 16, 13, 11)
+    assert _rel(new(x), conv(x)) <= 1e-4
+    assert new.conversion["weight_error"] <= 1e-5
+
+
+def test_tucker2_keeps_reflect_padding():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect")
+    new = lr.tucker2_conv(conv, parse_spec("tucker2:rank=16"))
+    x = torch.randn(2, 16, 9, 9)
+    assert _rel(new(x), conv(x)) <= 1e-4
+
+
+def test_full_rank_linear_reproduces_the_layer():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 40)
+    new = lr.lowrank_linear(lin, parse_spec("tucker2:rank=64"))
+    x = torch.randn(5, 64)
+    assert _rel(new(x), lin(x)) <= 1e-4
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "1x1-stride2"])
+def test_cp_chain_computes_its_dense_kernel(variant):
+    """kx1 dw . 1xk dw with split stride/padding/dilation is exactly a conv with the CP kernel."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, **VARIANTS[variant])
+    new = lr.cp_conv(conv, parse_spec("cp:rank=24,iters=3"))
+    x = torch.randn(2, 16, 13, 11)
+    ref = nn.functional.conv2d(
+        x, lr.dense_weight(new), new.last.bias, conv.stride, conv.padding, conv.dilation, conv.groups
+    )
+    assert _rel(new(x), ref) <= 1e-5
+
+
+def test_cp_als_recovers_an_exact_low_rank_kernel():
+    g = torch.Generator().manual_seed(1)
+    factors = [torch.randn(d, 6, generator=g, dtype=torch.float64) for d in (24, 16, 3, 3)]
+    conv = nn.Conv2d(16, 24, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(fz.cp_rebuild(factors))
+    new = lr.cp_conv(conv, parse_spec("cp:rank=6,iters=200"))
+    x = torch.randn(2, 16, 8, 8)
+    assert new.conversion["weight_error"] <= 1e-4
+    assert _rel(new(x), conv(x)) <= 1e-4
+
+
+def test_hooi_sweeps_do_not_increase_the_error():
+    w = torch.randn(32, 24, 3, 3, generator=torch.Generator().manual_seed(2))
+    errs = [fz.relative_error(fz.tucker2_rebuild(*fz.tucker2(w, 12, 10, iters)), w) for iters in (0, 4)]
+    assert errs[1] <= errs[0] + 1e-12 and errs[1] < 1
+
+
+def test_rank_for_energy_counts_singular_values():
+    u, _ = torch.linalg.qr(torch.randn(20, 20, dtype=torch.float64))
+    w = u @ torch.diag(torch.tensor([3.0, 2.0, 1.0] + [0.0] * 17, dtype=torch.float64)) @ u.T
+    assert fz.rank_for_energy(w, 0, 9 / 14) == 1  # 9 of 9+4+1
+    assert fz.rank_for_energy(w, 0, 0.92) == 2  # 13 of 14
+    assert fz.rank_for_energy(w, 0, 1.0) == 3
+
+
+@pytest.mark.parametrize("spec", ["tucker2:ratio=0.5", "tucker2:ratio=0.25", "cp:ratio=0.5,iters=2"])
+def test_flop_ratio_is_met(spec):
+    model = nn.Sequential(
+        nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.Linear(16, 16)
+    )
+    counts_before, counts_after = {}, {}
+    new = prepare(model, [spec])[0]
+    for m, counts in ((model, counts_before), (new, counts_after)):
+        hs = _flop_hooks(m[:2], counts)
+        m[:2](torch.randn(1, 64, 16, 16))
+        for h in hs:
+            h.remove()
+    want = float(spec.split("ratio=")[1].split(",")[0])
+    got = sum(counts_after.values()) / sum(counts_before.values())
+    assert abs(got - want) <= 0.08 * want
+
+
+def test_classifier_and_stem_stay_dense():
+    from edgetrain.models import create_model
+
+    model = prepare(create_model("cifar_resnet20", 10), ["tucker2"])[0]
+    assert isinstance(model.stem[0], nn.Conv2d) and isinstance(model.fc, nn.Linear)
+    assert sum(isinstance(m, lr.Tucker2Conv2d) for m in model.modules()) == 20  # 18 3x3 + 2 1x1 shortcuts
+    again = prepare(model, ["tucker2"])[0]  # nothing left to factorize: the parts are never factorized
+    assert sum(isinstance(m, lr.Tucker2Conv2d) for m in again.modules()) == 20
+
+
+def _tiny_vgg() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("recompute", ["depthwise", "all"])
+def test_refused_cp_equals_unfused_with_fewer_bytes(recompute):
+    torch.manual_seed(0)
+    unfused = prepare(_tiny_vgg(), ["cp:ratio=0.5,iters=3"])[0]
+    refused = copy.deepcopy(unfused)
+    for m in refused.modules():
+        if isinstance(m, lr.CPConv2d):
+            m.refuse, m.recompute = True, recompute
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    outs, grads = [], []
+    for m in (unfused, refused):
+        out = m(x)
+        nn.functional.cross_entropy(out, y).backward()
+        outs.append(out)
+        grads.append([p.grad for p in m.parameters()])
+    assert _rel(outs[1], outs[0]) <= 1e-5
+    for a, b in zip(*grads, strict=True):
+        assert _rel(b, a) <= 1e-5
+    spec = StepSpec((3, 16, 16), 4, 10)
+    saved = [tracked_step(m, spec, fake=False).saved_activation_bytes for m in (unfused, refused)]
+    assert saved[1] < saved[0]
+
+
+def test_partial_update_leaves_frozen_factors_bitwise_unchanged():
+    torch.manual_seed(0)
+    model = prepare(_tiny_vgg(), ["tucker2:ratio=0.5", "partial:factor=core"])[0]
+    layers = [m for m in model.modules() if isinstance(m, lr.Tucker2Conv2d)]
+    before = {id(p): p.detach().clone() for m in layers for p in (m.first.weight, m.core.weight, m.last.weight)}
+    opt = make_optimizer("sgd", model.parameters(), lr=0.1)
+    for _ in range(3):
+        train_step(model, torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)), opt)
+    for m in layers:
+        assert torch.equal(m.first.weight, before[id(m.first.weight)])
+        assert torch.equal(m.last.weight, before[id(m.last.weight)])
+        assert not torch.equal(m.core.weight, before[id(m.core.weight)])
+
+
+def test_partial_update_gradients_match_plain_autograd():
+    torch.manual_seed(0)
+    full = prepare(_tiny_vgg(), ["tucker2:ratio=0.5"])[0]
+    part = prepare(full, ["partial:factor=last"])[0]
+    for m in full.modules():  # the same freezing, without the input-free Function
+        if isinstance(m, lr.Tucker2Conv2d):
+            m.first.weight.requires_grad_(False)
+            m.core.weight.requires_grad_(False)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    for m in (full, part):
+        nn.functional.cross_entropy(m(x), y).backward()
+    for a, b in zip(full.parameters(), part.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            assert _rel(b.grad, a.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("factor", ["first", "core", "last"])
+def test_partial_update_saves_fewer_bytes_than_full_factorized_training(factor):
+    full = estimate(_tiny_vgg(), (3, 32, 32), 8, methods=["tucker2:ratio=0.5"])
+    part = estimate(_tiny_vgg(), (3, 32, 32), 8, methods=["tucker2:ratio=0.5", f"partial:factor={factor}"])
+    assert part.predicted["saved_activation_bytes"] < full.predicted["saved_activation_bytes"]
+
+
+def test_partial_without_factorized_layers_is_refused():
+    with pytest.raises(ConfigError, match="tucker2"):
+        prepare(_tiny_vgg(), ["partial"])
+
+
+@pytest.mark.parametrize(
+    "methods", [["tucker2:ratio=0.5"], ["cp-refused:ratio=0.5,iters=2"], ["tucker2", "partial"], ["tucker2:reg=srip"]]
+)
+def test_estimate_equals_a_measured_step(methods):
+    model, _, settings = prepare(_tiny_vgg(), methods)
+    spec = StepSpec((3, 32, 32), 8, 10, settings=settings)
+    real = tracked_step(model, spec, fake=False).peak_bytes
+    fake = tracked_step(model, spec, fake=True).peak_bytes
+    assert abs(fake - real) <= 0.05 * real
+
+
+def test_set_exportable_turns_refusion_and_partial_off():
+    model = prepare(_tiny_vgg(), ["cp-refused:iters=2", "partial"])[0]
+    off = set_exportable(model)
+    assert "cp-refused" in off and "partial" in off
+    assert not any(getattr(m, "refuse", False) for m in model.modules())
+
+
+def test_plan_with_low_rank_applies_to_a_fresh_model(tmp_path):
+    from edgetrain.plan import plan_for
+
+    plan = plan_for(_tiny_vgg(), (3, 32, 32), 8, "cpu", methods=["tucker2:ratio=0.5"])
+    plan.layers = {"2.core": "compress:bits=4"}  # a per-layer choice named inside a factorized layer
+    plan.shapes = {}
+    fresh = _tiny_vgg()
+    apply_plan_(fresh, Plan.load(plan.save(tmp_path / "p.yaml")))
+    assert isinstance(fresh[2], lr.Tucker2Conv2d) and type(fresh[2].core).__name__.startswith("Compressed")
+
+
+def test_planner_refuses_methods_it_chooses_itself():
+    from edgetrain.plan import plan_for
+
+    with pytest.raises(ConfigError, match="low-rank"):
+        plan_for(_tiny_vgg(), (3, 32, 32), 8, "cpu", methods=["checkpoint"])
+
+
+@pytest.mark.parametrize("spec", ["tucker2:ratio=2", "tucker2:reg=l2", "cp:recompute=some", "partial:factor=middle"])
+def test_bad_options_get_one_clear_line(spec):
+    with pytest.raises(ConfigError, match=spec.split(":")[1].split("=")[0]):
+        parse_spec(spec)
+
+
+def test_conversion_report_measures_the_error():
+    torch.manual_seed(0)
+    dense = _tiny_vgg()
+    exact = prepare(dense, ["tucker2:rank=1000"])[0]
+    lossy = prepare(dense, ["tucker2:rank=2"])[0]
+    x = torch.randn(8, 3, 16, 16)
+    good, bad = lr.conversion_report(dense, exact, x), lr.conversion_report(dense, lossy, x)
+    assert good["logits_error"] <= 1e-4 and good["top1_agreement"] == 1.0
+    assert all(r["output_error"] <= 1e-4 for r in good["layers"].values())
+    assert bad["logits_error"] > 1e-2 and min(r["output_error"] for r in bad["layers"].values()) > 1e-2
