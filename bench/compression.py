@@ -85,18 +85,24 @@ def bytes_table(quick: bool) -> list[dict]:
     return rows
 
 
+def seeded_accuracies(methods: list[str], seeds: list[int], epochs: int, tag: str) -> list[float]:
+    """Test accuracy of cifar_resnet20 trained on digits at 32 px with `methods`, one run per seed."""
+    accs = []
+    for seed in seeds:
+        out = OUT / "runs" / f"{tag}-{seed}-{int(time.time() * 1000)}"
+        cfg = FitConfig(device="cpu", model="cifar_resnet20", epochs=epochs, seed=seed, out=str(out), quiet=True,
+                        methods=methods)  # fmt: skip
+        accs.append(fit(cfg)["test_accuracy"])
+    return accs
+
+
 def accuracy_table(seeds: list[int], epochs: int) -> list[dict]:
     print(f"\n2. digits accuracy, cifar_resnet20, {epochs} epochs at 32 px, seeds {seeds}")
     rows = []
     for label, methods, _ in METHODS:
         if "masks" in label:  # same numerics as 2-bit except the ReLU masks, which are exact either way
             continue
-        accs = []
-        for seed in seeds:
-            out = OUT / "runs" / f"compress-{len(rows)}-{seed}-{int(time.time() * 1000)}"
-            cfg = FitConfig(device="cpu", model="cifar_resnet20", epochs=epochs, seed=seed, out=str(out), quiet=True,
-                            methods=methods)  # fmt: skip
-            accs.append(fit(cfg)["test_accuracy"])
+        accs = seeded_accuracies(methods, seeds, epochs, f"compress-{len(rows)}")
         row = {"method": label, "accuracies": accs, "mean": statistics.mean(accs)}
         row["vs_plain"] = row["mean"] - rows[0]["mean"] if rows else 0.0
         rows.append(row)

@@ -77,5 +77,8 @@ def load_source(args: argparse.Namespace):
     if plan is not None:
         apply_plan_(model, plan)
     if weights is not None:
+        from edgetrain.methods.lowrank import resize_to_
+
+        resize_to_(model, weights)
         model.load_state_dict(weights)
     return model, shape, classes, plan

@@ -11,6 +11,7 @@ depthwise intermediates in backward. Weights are decomposed from the layer's cur
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -19,8 +20,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgetrain.errors import ConfigError
 from edgetrain.methods import factorize as fz
-from edgetrain.methods.base import MethodConfig, MethodHandler, register_method
+from edgetrain.methods.base import MethodConfig, MethodHandler, apply_method_, register_method
 from edgetrain.train.step import StepSettings
 
 MIN_CHANNELS = 8  # per group: below this a factorization saves nothing worth its extra layers
@@ -29,11 +31,13 @@ MIN_CHANNELS = 8  # per group: below this a factorization saves nothing worth it
 @dataclass(frozen=True)
 class _RankRule(MethodConfig):
     """How ranks are chosen: a fixed `rank`, else `energy` kept (of the trained weights), else a
-    FLOP `ratio` per layer (0.5 = half the layer's FLOPs, a 2x reduction)."""
+    `budget` (the fraction of the whole model's parameters to keep: one per-layer ratio is
+    searched for it), else a FLOP `ratio` per layer (0.5 = half the layer's FLOPs)."""
 
     rank: int = 0
     ratio: float = 0.5
     energy: float = 0.0
+    budget: float = 0.0
     init: str = "decompose"
 
     def __post_init__(self) -> None:
@@ -43,6 +47,10 @@ class _RankRule(MethodConfig):
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
         if not 0 <= self.energy <= 1:
             raise ValueError(f"energy must be in [0, 1] (0: by ratio), got {self.energy}")
+        if not 0 <= self.budget < 1:
+            raise ValueError(
+                f"budget must be in [0, 1) (a fraction of the model's parameters; 0: off), got {self.budget}"
+            )
         if self.init not in ("decompose", "random"):
             raise ValueError(f"init must be decompose or random, got {self.init!r}")
 
@@ -216,8 +224,8 @@ def _round_to(r: int, g: int, top: int) -> int:
     return min(top, max(g, g * round(r / g)))
 
 
-def tucker2_conv(conv: nn.Conv2d, c: Tucker2Config) -> Tucker2Conv2d:
-    """Tucker-2 of a trained conv (HOSVD per group, `als` HOOI sweeps), or fresh factors."""
+def tucker2_ranks(conv: nn.Conv2d, c: _RankRule) -> tuple[int, int]:
+    """(r_out, r_in) of a conv's Tucker-2 under the config's rank rule (multiples of the groups)."""
     g, w = conv.groups, conv.weight.detach()
     o, i, k = conv.out_channels, conv.in_channels, conv.kernel_size[0] * conv.kernel_size[1]
     if c.rank:
@@ -230,8 +238,41 @@ def tucker2_conv(conv: nn.Conv2d, c: Tucker2Config) -> Tucker2Conv2d:
     else:
         r_out, r_in = (r * g for r in fz.tucker2_ranks(o // g, i // g, k, conv.stride[0], c.ratio))
     r_out, r_in = _round_to(r_out, g, o), _round_to(r_in, g, i)
-    if k == 1:
-        r_in = r_out = min(r_in, r_out)
+    return (min(r_out, r_in),) * 2 if k == 1 else (r_out, r_in)  # type: ignore[return-value]
+
+
+def linear_rank(linear: nn.Linear, c: _RankRule) -> int:
+    o, i = linear.out_features, linear.in_features
+    if c.rank:
+        return min(c.rank, o, i)
+    if c.energy and c.init == "decompose":
+        return fz.rank_for_energy(linear.weight.detach(), 0, c.energy)
+    return fz.svd_rank(o, i, c.ratio)
+
+
+def cp_rank(conv: nn.Conv2d, c: _RankRule) -> int:
+    g, (kh, kw) = conv.groups, conv.kernel_size
+    rank = c.rank or g * fz.cp_rank(conv.out_channels // g, conv.in_channels // g, kh, kw, conv.stride[0], c.ratio)
+    return max(g, g * math.ceil(rank / g))
+
+
+def factored_params(module: nn.Module, c: _RankRule) -> int:
+    """Weights of `module` once factorized under `c` (no module is built)."""
+    if isinstance(module, nn.Linear):
+        return linear_rank(module, c) * (module.in_features + module.out_features)
+    g, (kh, kw), i, o = module.groups, module.kernel_size, module.in_channels, module.out_channels
+    if isinstance(c, CPConfig):
+        r = cp_rank(module, c)
+        return r * (i // g + kh + kw + o // g)
+    r_out, r_in = tucker2_ranks(module, c)
+    core = 0 if kh * kw == 1 else r_in // g * r_out * kh * kw
+    return i // g * r_in + core + (r_out if kh * kw > 1 else r_in) // g * o
+
+
+def tucker2_conv(conv: nn.Conv2d, c: Tucker2Config) -> Tucker2Conv2d:
+    """Tucker-2 of a trained conv (HOSVD per group, `als` HOOI sweeps), or fresh factors."""
+    g, w, k = conv.groups, conv.weight.detach(), conv.kernel_size[0] * conv.kernel_size[1]
+    r_out, r_in = tucker2_ranks(conv, c)
     new = Tucker2Conv2d(conv, r_out, r_in).to(w.device, w.dtype)
     if c.init == "decompose":
         parts = [_tucker2_group(wg, r_out // g, r_in // g, k == 1, c.als) for wg in _groups_of(w, g)]
@@ -257,13 +298,7 @@ def _tucker2_group(w: torch.Tensor, r_out: int, r_in: int, one: bool, als: int):
 
 
 def lowrank_linear(linear: nn.Linear, c: Tucker2Config) -> LowRankLinear:
-    o, i = linear.out_features, linear.in_features
-    if c.rank:
-        r = min(c.rank, o, i)
-    elif c.energy and c.init == "decompose":
-        r = fz.rank_for_energy(linear.weight.detach(), 0, c.energy)
-    else:
-        r = fz.svd_rank(o, i, c.ratio)
+    r = linear_rank(linear, c)
     new = LowRankLinear(linear, r).to(linear.weight.device, linear.weight.dtype)
     with torch.no_grad():
         if c.init == "decompose":
@@ -279,9 +314,7 @@ def lowrank_linear(linear: nn.Linear, c: Tucker2Config) -> LowRankLinear:
 def cp_conv(conv: nn.Conv2d, c: CPConfig) -> CPConv2d:
     """CP of a trained conv by ALS, per group, or fresh factors."""
     g, w = conv.groups, conv.weight.detach()
-    o, i, (kh, kw) = conv.out_channels, conv.in_channels, conv.kernel_size
-    rank = c.rank or g * fz.cp_rank(o // g, i // g, kh, kw, conv.stride[0], c.ratio)
-    rank = max(g, g * math.ceil(rank / g))
+    rank = cp_rank(conv, c)
     new = CPConv2d(conv, rank, c.refuse, c.recompute).to(w.device, w.dtype)
     errors = []
     if c.init == "decompose":
@@ -340,9 +373,12 @@ class _LowRankHandler(MethodHandler):
         last = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear) and not _is_factor(m)]
         if last:
             last[-1]._keep_dense = True
+        if config.budget and not config.rank and not config.energy:  # type: ignore[attr-defined]
+            ratio = ratio_for_budget(model, config, self)  # type: ignore[arg-type]
+            apply_method_(model, dataclasses.replace(config, ratio=ratio, budget=0.0))
 
     def eligible(self, name: str, module: nn.Module, config: MethodConfig) -> bool:
-        if _is_factor(module) or getattr(module, "_keep_dense", False):
+        if _is_factor(module) or getattr(module, "_keep_dense", False) or config.budget:  # type: ignore[attr-defined]
             return False
         if isinstance(module, nn.Linear):
             return isinstance(config, Tucker2Config) and min(module.in_features, module.out_features) >= MIN_CHANNELS
@@ -350,6 +386,26 @@ class _LowRankHandler(MethodHandler):
             return False
         per_group = min(module.in_channels, module.out_channels) // module.groups
         return per_group >= MIN_CHANNELS and (isinstance(config, Tucker2Config) or _cp_ok(module))
+
+
+def ratio_for_budget(model: nn.Module, c: _RankRule, handler: _LowRankHandler) -> float:
+    """The per-layer FLOP ratio whose factorized model keeps `c.budget` of the parameters (bisection)."""
+    mods = [m for n, m in model.named_modules() if handler.eligible(n, m, dataclasses.replace(c, budget=0.0))]
+    total = sum(p.numel() for p in model.parameters())
+    dense = total - sum(m.weight.numel() for m in mods)
+
+    def kept(ratio: float) -> float:
+        rc = dataclasses.replace(c, ratio=ratio, budget=0.0)
+        return (dense + sum(factored_params(m, rc) for m in mods)) / total
+
+    if kept(1e-3) > c.budget:
+        raise ConfigError(f"{c.name}: a budget of {c.budget:.1%} of the parameters cannot be met: the layers that "
+                          f"stay dense and the smallest ranks keep {kept(1e-3):.1%}; give a larger budget")  # fmt: skip
+    lo, hi = 1e-3, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if kept(mid) <= c.budget else (lo, mid)
+    return lo
 
 
 def _is_factor(m: nn.Module) -> bool:
@@ -372,8 +428,6 @@ class Tucker2Handler(_LowRankHandler):
     def step_settings(self, settings: StepSettings, config: MethodConfig) -> StepSettings:
         if config.reg == "none":  # type: ignore[attr-defined]
             return settings
-        import dataclasses
-
         return dataclasses.replace(settings, orth=config.reg, orth_weight=config.reg_weight)  # type: ignore[attr-defined]
 
 
@@ -423,3 +477,27 @@ def conversion_report(dense: nn.Module, converted: nn.Module, x: torch.Tensor) -
         "logits_error": fz.relative_error(out, ref),
         "top1_agreement": float((out.argmax(1) == ref.argmax(1)).float().mean()),
     }
+
+
+def resize_to_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give each factorized layer's parts the ranks a state dict holds (in place), so that a
+    checkpoint of a model converted with weight-dependent ranks (`energy`) loads into a freshly
+    built one. Classes, geometry and `requires_grad` are kept; the values come from the load."""
+    for name, m in model.named_modules():
+        if not isinstance(m, FACTORIZED):
+            continue
+        for part_name, part in m.named_children():
+            want = state.get(f"{name}.{part_name}.weight")
+            if want is None or want.shape == part.weight.shape:
+                continue
+            depthwise = (
+                isinstance(part, nn.Conv2d) and part.groups > 1 and part.groups == part.in_channels == part.out_channels
+            )
+            part.weight = nn.Parameter(torch.empty_like(want, device=part.weight.device), part.weight.requires_grad)
+            if isinstance(part, nn.Linear):
+                part.out_features, part.in_features = want.shape
+            else:
+                part.groups = want.shape[0] if depthwise else part.groups
+                part.out_channels, part.in_channels = want.shape[0], want.shape[1] * part.groups
+            if part.bias is not None and part.bias.shape[0] != want.shape[0]:
+                part.bias = nn.Parameter(torch.empty(want.shape[0], device=part.weight.device), part.bias.requires_grad)

@@ -27,7 +27,7 @@ from edgetrain.devices.store import get_device
 from edgetrain.errors import ConfigError, EdgeOOMError, EdgetrainError
 from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
 from edgetrain.methods.base import parse_spec
-from edgetrain.methods.lowrank import conversion_report
+from edgetrain.methods.lowrank import conversion_report, resize_to_
 from edgetrain.models import create_model
 from edgetrain.plan import Plan, apply_plan_, plan_for
 from edgetrain.train import checkpoint as ckpt
@@ -122,6 +122,8 @@ class Recipe:
         self.plan = _state_plan(state, cfg.model) if state else self._plan(cfg.methods)
         dense = copy.deepcopy(self.model) if state is None and _low_rank(self.plan) else None
         self._apply(self.plan)
+        if state is not None:
+            resize_to_(self.model, state["model"])  # ranks chosen from the weights (energy): the checkpoint's
         self.conversion = conversion_report(dense, self.model, self._sample()) if dense is not None else None
         if self.conversion and not cfg.quiet:
             c = self.conversion

@@ -66,3 +66,17 @@ def test_fit_converts_trained_weights_reports_and_resumes(tmp_path):
     assert first["trainable_parameters"] < first["parameters"]
     done = fit(FitConfig(out=str(run), **cfg), resume=True)
     assert done["steps"] > 3 and json.loads((run / "report.json").read_text())["plan"].startswith("tucker2")
+
+
+def test_energy_ranks_survive_resume_and_export(tmp_path, cli):
+    """Ranks read off trained weights are not those of a fresh model: the checkpoint's win."""
+    fit(FitConfig(device="cpu", out=str(tmp_path / "dense"), max_steps=4, **SMALL))
+    cfg = dict(
+        device="cpu", init=str(tmp_path / "dense" / "model.pt"), ckpt_every=2, methods=["tucker2:energy=0.6"], **SMALL
+    )
+    run = tmp_path / "low"
+    fit(FitConfig(out=str(run), max_steps=2, **cfg))
+    done = fit(FitConfig(out=str(run), **cfg), resume=True)
+    assert done["steps"] > 2
+    code, _, err = cli("export", "--run", str(run), "--out", str(tmp_path / "art"))
+    assert code == 0, err

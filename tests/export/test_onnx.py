@@ -76,11 +76,16 @@ def _torch_reference(model, bn: str, trainable: list[str]):
 @pytest.mark.parametrize("bn", ["frozen", "batch"])
 def test_sgd_steps_match_pytorch(exported, bn):
     model, dirs = exported
-    ort = OrtTrainer(dirs[bn])
+    _steps_side_by_side(dirs[bn], model, bn, steps=4, seed=0)
+
+
+def _steps_side_by_side(artifacts, model, bn: str, steps: int, seed: int) -> None:
+    """SGD steps in onnxruntime and in PyTorch on the same batches: losses and trained weights agree."""
+    ort = OrtTrainer(artifacts)
     ort.set_lr(0.05)
     ref, opt = _torch_reference(model, bn, ort.manifest["trainable"])
-    rng = np.random.default_rng(0)
-    for _ in range(4):
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
         x, y = rng.standard_normal((8, *SHAPE)).astype(np.float32), rng.integers(0, 10, 8)
         loss_ort, _ = ort.train_step(x, y)
         opt.zero_grad()
@@ -123,3 +128,23 @@ def test_bad_export_requests_are_clear(tmp_path):
 
     with pytest.raises(ConfigError, match="IR version 11.*onnx==1.17.0"):
         check_versions(Newer(), "model.onnx")
+
+
+def test_low_rank_model_exports_and_trains_like_pytorch(tmp_path):
+    """Tucker-2 with one factor trained, and CP with re-fusion switched off for the graph."""
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet8")
+    plan = Plan(methods=["tucker2:ratio=0.5", "partial:factor=core"], layers={"layers.2": "checkpoint"})
+    apply_plan_(model, plan)
+    m = export_artifacts(copy.deepcopy(model), tmp_path / "lr", SHAPE, CLASSES, bn="batch", plan=plan.to_dict())
+    assert "layers.1.conv1.core.weight" in m["trainable"] and "layers.1.conv1.first.weight" in m["frozen"]
+    _steps_side_by_side(tmp_path / "lr", model, "batch", steps=3, seed=2)
+
+    cp = create_model("cifar_resnet8")
+    apply_plan_(cp, Plan(methods=["cp-refused:iters=2"]))
+    m = export_artifacts(cp, tmp_path / "cp", SHAPE, CLASSES)
+    assert "cp-refused" in m["methods_not_in_graph"]
+    x = np.random.default_rng(3).standard_normal((2, *SHAPE)).astype(np.float32)
+    _, logits = OrtTrainer(tmp_path / "cp").eval_step(x, np.zeros(2, np.int64))
+    cp.eval()
+    np.testing.assert_allclose(logits, cp(torch.from_numpy(x)).detach().numpy(), rtol=1e-3, atol=1e-4)

@@ -250,3 +250,19 @@ def test_conversion_report_measures_the_error():
     assert good["logits_error"] <= 1e-4 and good["top1_agreement"] == 1.0
     assert all(r["output_error"] <= 1e-4 for r in good["layers"].values())
     assert bad["logits_error"] > 1e-2 and min(r["output_error"] for r in bad["layers"].values()) > 1e-2
+
+
+@pytest.mark.parametrize("spec", ["tucker2:budget=0.3", "cp:budget=0.4,init=random"])
+def test_parameter_budget_is_met(spec):
+    from edgetrain.models import create_model
+
+    model = create_model("cifar_resnet20")
+    new = prepare(model, [spec])[0]
+    kept = sum(p.numel() for p in new.parameters()) / sum(p.numel() for p in model.parameters())
+    budget = float(spec.split("budget=")[1].split(",")[0])
+    assert budget - 0.03 <= kept <= budget
+
+
+def test_unreachable_budget_is_one_clear_error():
+    with pytest.raises(ConfigError, match="cannot be met"):
+        prepare(_tiny_vgg(), ["tucker2:budget=0.01"])
