@@ -139,7 +139,7 @@ class Recipe:
         if forced and len(low) < len(forced):
             return Plan(methods=list(forced), model=cfg.model)
         chosen = plan_for(self.model, self.data.input_shape, cfg.batch_size, self.profile, cfg.optimizer,
-                          cfg.prefer, cfg.model, len(self.data.classes), budget_bytes, low)  # fmt: skip
+                          cfg.prefer, cfg.model, len(self.data.classes), budget_bytes, methods=low)  # fmt: skip
         self.out.mkdir(parents=True, exist_ok=True)
         chosen.save(self.out / "plan.yaml")
         return chosen
