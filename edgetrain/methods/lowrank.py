@@ -11,6 +11,7 @@ depthwise intermediates in backward. Weights are decomposed from the layer's cur
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -165,13 +166,25 @@ class CPConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.refuse and self.training and torch.is_grad_enabled():
             ws = (self.first.weight, self.vertical.weight, self.horizontal.weight, self.last.weight)
-            return _RefusedCP.apply(x, *ws, self.last.bias, self)
+            with _compress_hooks(self):
+                return _RefusedCP.apply(x, *ws, self.last.bias, self)
         return self.last(self.horizontal(self.vertical(self.first(x))))
 
     def set_exportable_(self) -> str | None:
         """Run as four plain convs (traceable); returns the method switched off, if any."""
         was, self.refuse = self.refuse, False
         return "cp-refused" if was else None
+
+
+def _compress_hooks(m: CPConv2d):
+    """With `compress` on the chain's first conv, the Function's saved input and 1x1 output are
+    packed like every other saved tensor (the weights never are)."""
+    config = getattr(m.first, "_compress", None)
+    from edgetrain.methods.compress import CompressHooks, _in_checkpoint
+
+    if config is None or _in_checkpoint():
+        return contextlib.nullcontext()
+    return CompressHooks(config, skip=({p.untyped_storage()._cdata for p in m.parameters()}, set()))
 
 
 def _depthwise(m: CPConv2d, a: torch.Tensor, wv: torch.Tensor, wh: torch.Tensor) -> torch.Tensor:

@@ -266,3 +266,18 @@ def test_parameter_budget_is_met(spec):
 def test_unreachable_budget_is_one_clear_error():
     with pytest.raises(ConfigError, match="cannot be met"):
         prepare(_tiny_vgg(), ["tucker2:budget=0.01"])
+
+
+def test_refused_cp_input_is_compressed_too():
+    torch.manual_seed(0)
+    base = estimate(_tiny_vgg(), (3, 32, 32), 8, methods=["cp-refused:iters=2"])
+    packed = estimate(_tiny_vgg(), (3, 32, 32), 8, methods=["cp-refused:iters=2", "compress:bits=4"])
+    assert packed.predicted["saved_activation_bytes"] < 0.3 * base.predicted["saved_activation_bytes"]
+    model = prepare(_tiny_vgg(), ["cp-refused:iters=2"])[0]
+    both = prepare(model, ["compress:bits=8"])[0]
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    grads = []
+    for m in (model, both):
+        nn.functional.cross_entropy(m(x), y).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert nn.functional.cosine_similarity(*grads, dim=0) > 0.99
