@@ -215,7 +215,25 @@ def plan(
     if methods:
         model = prepare(model, list(methods))[0]
     chosen = _search(model, input_shape, batch_size, profile, optimizer, prefer, name, num_classes, budget_bytes)
+    return _with_low_rank(chosen, list(methods)) if methods else chosen
+
+
+def _with_low_rank(chosen: Plan, methods: list[str]) -> Plan:
+    """The plan of the factorized model, told as what it is: low-rank methods first, then the rest."""
+    low = " + ".join(methods)
     chosen.methods = [*methods, *chosen.methods]
+    risk = max(parse_spec(m).risk for m in methods)
+    chosen.risk = max(chosen.risk, risk)
+    for row in chosen.candidates:
+        row["plan"] = low if row["plan"] == "plain" else f"{low} + {row['plan']}"
+        if "risk" in row:
+            row["risk"] = max(row["risk"], risk)
+    chosen.reasons = [
+        r.replace("fits as it is: no method, no overhead", f"fits with {low} alone: nothing more needed").replace(
+            "plain needs", f"{low} alone needs"
+        )
+        for r in chosen.reasons
+    ]
     return chosen
 
 
