@@ -102,15 +102,22 @@ def partial_table(quick: bool) -> list[dict]:
     rows = []
     for name, shape, batch in (("resnet18", (3, 64, 64), 16), ("vgg11_bn", (3, 64, 64), 8)):
         print(f" {name} {shape[-1]} px b{batch}")
-        print(HEAD + f" {'trainable':>10} {'x original':>10} {'x factorized':>12}")
+        print(HEAD + f" {'trainable':>10} {'x original':>10} {'x factorized':>12} {'step s':>7} {'x orig':>7}")
         model = create_model(name)
         low = ["tucker2:init=random"]
         similar = "compress:scheme=similar,bits=2,relu=mask"
         configs = [("original", []), ("original + base+delta", [similar]), ("tucker2, all factors", low)]
         configs += [(f"tucker2, train {f} only", [*low, f"partial:factor={f}"]) for f in ("first", "core", "last")]
+        configs += [
+            ("tucker2 re-fused, all factors", ["tucker2:init=random,refuse=true"]),
+            ("tucker2 re-fused, train core only", ["tucker2:init=random,refuse=true", "partial:factor=core"]),
+        ]
         configs += [("tucker2, train core + base+delta", [*low, "partial:factor=core", similar])]
-        for label, methods in configs:
-            rows.append({"net": name, "config": label, **_plain(measure(model, methods, shape, batch))})
+        res = [measure(model, methods, shape, batch) for _, methods in configs]
+        steps = [(r["model"], StepSpec(shape, batch, 10, settings=r["settings"])) for r in res]
+        secs = _interleaved_times(steps, 2 if quick else 5)
+        for (label, _), r, sec in zip(configs, res, secs, strict=True):
+            rows.append({"net": name, "config": label, **_plain(r), "seconds": sec, "x_time": sec / secs[0]})
         case = rows[-len(configs) :]
         for row in case:
             row["x_original"] = row["saved"] / case[0]["saved"]
@@ -118,7 +125,8 @@ def partial_table(quick: bool) -> list[dict]:
             _line(
                 row["config"],
                 row,
-                f"{row['trainable'] / 1e6:>9.2f}M {row['x_original']:>10.3f} {row['x_factorized']:>12.3f}",
+                f"{row['trainable'] / 1e6:>9.2f}M {row['x_original']:>10.3f} {row['x_factorized']:>12.3f} "
+                f"{row['seconds']:>7.3f} {row['x_time']:>7.2f}",
             )
     return rows
 

@@ -59,7 +59,8 @@ class _RankRule(MethodConfig):
 @dataclass(frozen=True)
 class Tucker2Config(_RankRule):
     """Tucker-2 convs and U·V linears; `als` HOOI sweeps after HOSVD; `reg` an ELRT orthogonality
-    regularizer on the factor matrices (none|so|dso|srip|mc) added to the loss with `reg_weight`."""
+    regularizer on the factor matrices (none|so|dso|srip|mc) added to the loss with `reg_weight`;
+    `refuse` runs each chain as one Function that recomputes the first 1x1's output in backward."""
 
     name: ClassVar[str] = "tucker2"
     risk: ClassVar[int] = 5
@@ -68,6 +69,7 @@ class Tucker2Config(_RankRule):
     als: int = 0
     reg: str = "none"
     reg_weight: float = 1e-3
+    refuse: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,8 +113,9 @@ class Tucker2Conv2d(nn.Module):
     """first 1x1 (C -> r_in) . core kxk (r_in -> r_out) . last 1x1 (r_out -> C'); a 1x1 conv has no
     core and its first 1x1 takes the stride. Groups stay groups in every part."""
 
-    def __init__(self, conv: nn.Conv2d, r_out: int, r_in: int):
+    def __init__(self, conv: nn.Conv2d, r_out: int, r_in: int, refuse: bool = False):
         super().__init__()
+        self.refuse = refuse
         g, k = conv.groups, conv.kernel_size
         spatial = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, padding_mode=conv.padding_mode)
         one = k == (1, 1)
@@ -121,10 +124,19 @@ class Tucker2Conv2d(nn.Module):
         self.last = nn.Conv2d(r_out if not one else r_in, conv.out_channels, 1, groups=g, bias=conv.bias is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.refuse and self.core is not None and self.training and torch.is_grad_enabled():
+            if self.core.padding_mode == "zeros":
+                ws = (self.first.weight, self.core.weight, self.last.weight)
+                with _compress_hooks(self):
+                    return _RefusedTucker.apply(x, *ws, self.last.bias, self)
         x = self.first(x)  # (N, r_in, H, W)
         if self.core is not None:
             x = self.core(x)  # (N, r_out, Ho, Wo)
         return self.last(x)  # (N, C', Ho, Wo)
+
+    def set_exportable_(self) -> str | None:
+        was, self.refuse = self.refuse, False
+        return "tucker2 refuse" if was else None
 
     def factor_matrices(self) -> list[torch.Tensor]:
         """The matrices ELRT keeps orthonormal (columns), one pair per group: U_in (I/g, r_in/g)
@@ -176,7 +188,7 @@ class CPConv2d(nn.Module):
         return "cp-refused" if was else None
 
 
-def _compress_hooks(m: CPConv2d):
+def _compress_hooks(m: nn.Module):
     """With `compress` on the chain's first conv, the Function's saved input and 1x1 output are
     packed like every other saved tensor (the weights never are)."""
     config = getattr(m.first, "_compress", None)
@@ -224,6 +236,39 @@ class _RefusedCP(torch.autograd.Function):
         gw1 = torch.nn.grad.conv2d_weight(x, w1.shape, ga, groups=g) if needs[1] else None
         gb = gy.sum((0, 2, 3)) if needs[5] else None
         return gx, gw1, gwv, gwh, gw2, gb, None
+
+
+class _RefusedTucker(torch.autograd.Function):
+    """The Tucker-2 chain as one op: it keeps its input and the core's output; backward
+    recomputes the first 1x1's output (the cheap part) instead of finding it saved."""
+
+    @staticmethod
+    def forward(ctx, x, w1, wc, w2, bias, m: Tucker2Conv2d):
+        c, g = m.core, m.first.groups
+        a = F.conv2d(x, w1, None, 1, 0, 1, g)  # (N, r_in, H, W)
+        b = F.conv2d(a, wc, None, c.stride, c.padding, c.dilation, g)  # (N, r_out, Ho, Wo)
+        needs = ctx.needs_input_grad  # keep only what the trained weights' gradients read
+        ctx.save_for_backward(x if needs[1] or needs[2] else None, w1, wc, w2, b if needs[3] else None)
+        ctx.m, ctx.x_shape, ctx.b_shape = m, x.shape, b.shape
+        return F.conv2d(b, w2, bias, 1, 0, 1, g)  # (N, C', Ho, Wo)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w1, wc, w2, b = ctx.saved_tensors
+        m, needs, g = ctx.m, ctx.needs_input_grad, ctx.m.first.groups
+        c, grad = m.core, torch.nn.grad
+        gw2 = grad.conv2d_weight(b, w2.shape, gy, groups=g) if needs[3] else None
+        gb = gy.sum((0, 2, 3)) if needs[4] else None
+        if not (needs[0] or needs[1] or needs[2]):
+            return None, None, None, gw2, gb, None
+        g_b = grad.conv2d_input(ctx.b_shape, w2, gy, groups=g)  # (N, r_out, Ho, Wo)
+        a = F.conv2d(x, w1, None, 1, 0, 1, g) if x is not None else None  # recomputed (N, r_in, H, W)
+        gwc = grad.conv2d_weight(a, wc.shape, g_b, c.stride, c.padding, c.dilation, g) if needs[2] else None
+        n, _, h, w = ctx.x_shape
+        g_a = grad.conv2d_input((n, w1.shape[0], h, w), wc, g_b, c.stride, c.padding, c.dilation, g)
+        gx = grad.conv2d_input(ctx.x_shape, w1, g_a, groups=g) if needs[0] else None
+        gw1 = grad.conv2d_weight(x, w1.shape, g_a, groups=g) if needs[1] else None
+        return gx, gw1, gwc, gw2, gb, None
 
 
 # --- conversion -------------------------------------------------------------------------------------
@@ -286,7 +331,7 @@ def tucker2_conv(conv: nn.Conv2d, c: Tucker2Config) -> Tucker2Conv2d:
     """Tucker-2 of a trained conv (HOSVD per group, `als` HOOI sweeps), or fresh factors."""
     g, w, k = conv.groups, conv.weight.detach(), conv.kernel_size[0] * conv.kernel_size[1]
     r_out, r_in = tucker2_ranks(conv, c)
-    new = Tucker2Conv2d(conv, r_out, r_in).to(w.device, w.dtype)
+    new = Tucker2Conv2d(conv, r_out, r_in, c.refuse).to(w.device, w.dtype)
     if c.init == "decompose":
         parts = [_tucker2_group(wg, r_out // g, r_in // g, k == 1, c.als) for wg in _groups_of(w, g)]
         with torch.no_grad():

@@ -199,7 +199,14 @@ def test_partial_without_factorized_layers_is_refused():
 
 
 @pytest.mark.parametrize(
-    "methods", [["tucker2:ratio=0.5"], ["cp-refused:ratio=0.5,iters=2"], ["tucker2", "partial"], ["tucker2:reg=srip"]]
+    "methods",
+    [
+        ["tucker2:ratio=0.5"],
+        ["cp-refused:ratio=0.5,iters=2"],
+        ["tucker2", "partial"],
+        ["tucker2:reg=srip"],
+        ["tucker2:refuse=true", "partial:factor=core"],
+    ],  # fmt: skip
 )
 def test_estimate_equals_a_measured_step(methods):
     model, _, settings = prepare(_tiny_vgg(), methods)
@@ -209,10 +216,13 @@ def test_estimate_equals_a_measured_step(methods):
     assert abs(fake - real) <= 0.05 * real
 
 
-def test_set_exportable_turns_refusion_and_partial_off():
-    model = prepare(_tiny_vgg(), ["cp-refused:iters=2", "partial"])[0]
+@pytest.mark.parametrize(
+    "spec, name", [("cp-refused:iters=2", "cp-refused"), ("tucker2:refuse=true", "tucker2 refuse")]
+)
+def test_set_exportable_turns_refusion_and_partial_off(spec, name):
+    model = prepare(_tiny_vgg(), [spec, "partial"])[0]
     off = set_exportable(model)
-    assert "cp-refused" in off and "partial" in off
+    assert name in off and "partial" in off
     assert not any(getattr(m, "refuse", False) for m in model.modules())
 
 
@@ -281,3 +291,31 @@ def test_refused_cp_input_is_compressed_too():
         nn.functional.cross_entropy(m(x), y).backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     assert nn.functional.cosine_similarity(*grads, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("variant", ["plain", "stride2-pad1", "dilation2", "groups4", "rect-5x3"])
+@pytest.mark.parametrize("partial", [None, "first", "core"])
+def test_refused_tucker2_equals_unfused_with_fewer_bytes(variant, partial):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 64, **VARIANTS[variant])
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), conv, nn.Flatten(), nn.LazyLinear(10))
+    net(torch.randn(1, 3, 13, 11))
+    specs = ["tucker2:ratio=0.5"] + ([f"partial:factor={partial}"] if partial else [])
+    plain = prepare(net, specs)[0]
+    assert isinstance(plain[2], lr.Tucker2Conv2d)
+    refused = copy.deepcopy(plain)
+    refused[2].refuse = True
+    x, y = torch.randn(4, 3, 13, 11, requires_grad=True), torch.randint(0, 10, (4,))
+    grads = []
+    for m in (plain, refused):
+        nn.functional.cross_entropy(m(x), y).backward()
+        grads.append([x.grad.clone()] + [p.grad for p in m.parameters()])
+        x.grad = None
+    for a, b in zip(*grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert _rel(b, a) <= 1e-5
+    spec = StepSpec((3, 13, 11), 4, 10)
+    saved = [tracked_step(m, spec, fake=False).saved_activation_bytes for m in (plain, refused)]
+    assert saved[1] < saved[0] if partial in (None, "core") else saved[1] <= saved[0]
+    assert tracked_step(refused, spec, fake=True).peak_bytes == tracked_step(refused, spec, fake=False).peak_bytes
