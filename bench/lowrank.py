@@ -52,11 +52,12 @@ def flops(model: nn.Module, shape: tuple[int, int, int]) -> int:
     return sum(counts.values())
 
 
-def measure(model: nn.Module, methods: list[str], shape, batch: int, original: nn.Module | None = None) -> dict:
-    """Params, FLOPs, saved bytes and peak of one real step, and the estimate's error against it."""
+def measure(model: nn.Module, methods: list[str], shape, batch: int) -> dict:
+    """Params, FLOPs, saved bytes and peak of one real step, and the estimate's error against it;
+    "model" is the prepared model itself (the step ran on a copy)."""
     m, _, settings = prepare(model, methods)
     rep = tracked_step(m, StepSpec(shape, batch, 10, settings=settings), fake=False)
-    pred = estimate(original or model, shape, batch, methods=methods).predicted["peak_total_bytes"]
+    pred = estimate(model, shape, batch, methods=methods).predicted["peak_total_bytes"]
     return {"model": m, "settings": settings, "params": sum(p.numel() for p in m.parameters()),
             "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad), "flops": flops(m, shape),
             "saved": rep.saved_activation_bytes, "peak": rep.peak_bytes, "est_err": pred / rep.peak_bytes - 1}  # fmt: skip
@@ -88,7 +89,7 @@ def refusion_table(quick: bool) -> list[dict]:
         secs = _interleaved_times([(r["model"], StepSpec(shape, batch, 10)) for r in res], 3 if quick else 9)
         inter = [r["saved"] - res[0]["saved"] for r in res]  # the CP chains' own saved tensors
         for (label, _), r, s, i in zip(configs, res, secs, inter, strict=True):
-            row = {"net": name, "config": label, **{k: v for k, v in r.items() if k not in ("model", "settings")},
+            row = {"net": name, "config": label, **_plain(r),
                    "intermediate": i, "seconds": s, "vs_unfused_bytes": i / inter[1] - 1 if inter[1] else None,
                    "x_original": s / secs[0], "speedup_vs_unfused": secs[1] / s}  # fmt: skip
             rows.append(row)
@@ -174,7 +175,7 @@ def convert_table(epochs: int, tune_epochs: int) -> list[dict]:
                               init=str(weights), methods=methods, lr=0.01))  # fmt: skip
         low = tuned["lowrank"]
         werr = statistics.median(v["weight_error"] for v in low["layers"].values())
-        acc0 = _accuracy_now(model, methods)
+        acc0 = _accuracy_now(r["model"])
         rows.append({"config": label, "weight_error_median": werr, "logits_error": low["logits_error"],
                      "accuracy_converted": acc0, "accuracy": tuned["test_accuracy"], **_plain(r)})  # fmt: skip
         _line(label, r, f"{werr:>10.3f} {low['logits_error']:>10.3f} {acc0:>14.2%} {tuned['test_accuracy']:>10.2%}")
@@ -186,11 +187,11 @@ def _plain(r: dict) -> dict:
 
 
 @torch.no_grad()
-def _accuracy_now(model: nn.Module, methods: list[str]) -> float:
+def _accuracy_now(converted: nn.Module) -> float:
     """Test accuracy of the converted model before any training (BatchNorm statistics as trained)."""
     from edgetrain.train.data import load_data
 
-    m = prepare(model, methods)[0].eval()
+    m = converted.eval()
     _, test = load_data("digits", 32, 0).loaders(256, 0)
     hits = sum((m(x).argmax(1) == y).sum().item() for x, y in test)
     return hits / len(test.dataset)

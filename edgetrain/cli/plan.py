@@ -78,8 +78,8 @@ def plot_plan(plan, path: str) -> None:
 
     from edgetrain.memory.plot import COLORS
 
-    plain = next(r for r in plan.candidates if r["plan"] == "plain")["peak_by_category"]
-    bars = {"plain": plain, plan.summary() if not plan.is_plain else "plan (plain)": plan.predicted["peak_by_category"]}
+    base = plan.candidates[0]  # the model as given (plain, or with the low-rank methods the user named)
+    bars = {base["plan"]: base["peak_by_category"], "plan: " + plan.summary(): plan.predicted["peak_by_category"]}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, cats in enumerate(bars.values()):
         bottom = 0.0

@@ -95,6 +95,12 @@ def parse_spec(spec: str) -> MethodConfig:
         raise ConfigError(f"method spec '{spec}': {e}") from None
 
 
+def structural_specs(specs: list[str]) -> list[str]:
+    """The specs among `specs` whose methods change the layers themselves (low-rank): applied
+    before everything else, and planned on top of rather than chosen by the planner."""
+    return [s for s in specs if parse_spec(s).structural]
+
+
 def describe_methods() -> list[dict[str, Any]]:
     """Name, help, risk and options (with defaults) of every registered method."""
     out = []

@@ -62,8 +62,9 @@ def cp_als(
     """CP decomposition of a (O, I, kh, kw) kernel by alternating least squares.
 
     Stable start: each factor's leading singular vectors (random unit columns beyond the mode's
-    size); each update is a ridge-regularized solve of the normal equations, columns normalised
-    with the scale carried in the first factor. Returns [A (O,R), B (I,R), Kh (kh,R), Kw (kw,R)]
+    size); each update is a ridge-regularized solve of the normal equations, the first three
+    factors kept at unit columns and the scale in the last, spread evenly over all four at the
+    end. Returns [A (O,R), B (I,R), Kh (kh,R), Kw (kw,R)]
     and the relative reconstruction error."""
     w = w.double()
     gen = torch.Generator().manual_seed(seed)
@@ -94,7 +95,6 @@ def _mttkrp(w: torch.Tensor, factors: list[torch.Tensor], mode: int) -> torch.Te
     """Matricized tensor times Khatri-Rao product for one mode, contracted one mode at a time."""
     letters = "oihw"
     rest = [k for k in range(4) if k != mode]
-    # contract the largest other mode first with a matmul-backed einsum, then the rest
     t = torch.einsum(f"{letters},{letters[rest[0]]}r->{letters.replace(letters[rest[0]], '')}r", w, factors[rest[0]])
     kept = letters.replace(letters[rest[0]], "")
     for k in rest[1:]:

@@ -23,7 +23,7 @@ from edgetrain.devices.store import get_device
 from edgetrain.errors import BudgetError, ConfigError
 from edgetrain.memory.measure import StepSpec
 from edgetrain.memory.predict import Estimate, _num_classes, estimate
-from edgetrain.methods.base import parse_spec, prepare
+from edgetrain.methods.base import parse_spec, prepare, structural_specs
 from edgetrain.plan.plan import Plan, apply_plan_, param_shapes
 from edgetrain.plan.units import UnitTable, has_batchnorm, option_seconds, step_seconds, unit_table
 
@@ -209,44 +209,46 @@ def plan(
         raise ConfigError(f"--prefer must be speed or accuracy, got {prefer!r}")
     profile = get_device(device)
     for spec in methods:
-        if not parse_spec(spec).structural:
+        if spec not in structural_specs([spec]):
             raise ConfigError(f"method '{spec}' is one the planner chooses itself: give only low-rank "
                               "methods (tucker2, cp, cp-refused, partial), or force everything with fit --method")  # fmt: skip
     if methods:
         model = prepare(model, list(methods))[0]
-    chosen = _search(model, input_shape, batch_size, profile, optimizer, prefer, name, num_classes, budget_bytes)
+    base = " + ".join(methods) or "plain"
+    chosen = _search(model, input_shape, batch_size, profile, optimizer, prefer, name, num_classes, budget_bytes, base)
     return _with_low_rank(chosen, list(methods)) if methods else chosen
 
 
 def _with_low_rank(chosen: Plan, methods: list[str]) -> Plan:
-    """The plan of the factorized model, told as what it is: low-rank methods first, then the rest."""
-    low = " + ".join(methods)
+    """The factorized model's plan as a plan of the model given: low-rank methods first, their risk
+    counted, and each candidate named with them (the first row, the base, already is)."""
     chosen.methods = [*methods, *chosen.methods]
     risk = max(parse_spec(m).risk for m in methods)
     chosen.risk = max(chosen.risk, risk)
+    for row in chosen.candidates[1:]:
+        row["plan"] = f"{' + '.join(methods)} + {row['plan']}"
     for row in chosen.candidates:
-        row["plan"] = low if row["plan"] == "plain" else f"{low} + {row['plan']}"
         if "risk" in row:
             row["risk"] = max(row["risk"], risk)
-    chosen.reasons = [
-        r.replace("fits as it is: no method, no overhead", f"fits with {low} alone: nothing more needed").replace(
-            "plain needs", f"{low} alone needs"
-        )
-        for r in chosen.reasons
-    ]
     return chosen
 
 
-def _search(model, input_shape, batch_size, profile, optimizer, prefer, name, num_classes, budget_bytes) -> Plan:
+def _search(model, input_shape, batch_size, profile, optimizer, prefer, name, num_classes, budget_bytes, base) -> Plan:
+    """The search on `model` as given; `base` names it (plain, or the low-rank methods applied)."""
     budget = budget_bytes or profile.usable_memory_bytes
     plain = estimate(model, input_shape, batch_size, optimizer, profile, [], num_classes, name)
     doc = Plan(model=name, input_shape=list(input_shape), batch_size=batch_size, optimizer=optimizer,
                device=profile.name, budget_bytes=budget)  # fmt: skip
-    row = {"plan": "plain", "peak_device_bytes": plain.predicted["peak_device_bytes"], "overhead": 1.0, "risk": 0,
+    row = {"plan": base, "peak_device_bytes": plain.predicted["peak_device_bytes"], "overhead": 1.0, "risk": 0,
            "peak_by_category": plain.predicted["peak_by_category"]}  # fmt: skip
     if plain.predicted["peak_device_bytes"] <= budget:
         row["fits"] = row["chosen"] = True
-        return _finish(doc, Plan(), plain, 1.0, [row], ["fits as it is: no method, no overhead"])
+        why = (
+            "fits as it is: no method, no overhead"
+            if base == "plain"
+            else f"fits with {base} alone: nothing more needed"
+        )
+        return _finish(doc, Plan(), plain, 1.0, [row], [why])
     row["fits"] = False
     spec = StepSpec(tuple(input_shape), batch_size, num_classes or _num_classes(model), optimizer)
     planner = Planner(model, spec, profile, prefer, plain)
@@ -272,7 +274,7 @@ def _search(model, input_shape, batch_size, profile, optimizer, prefer, name, nu
             rows.append(
                 {"plan": p2.summary(), "peak_device_bytes": None, "overhead": f2, "risk": _plan_risk(p2), "fits": True}
             )
-        return _finish(doc, cand, est, factor, rows, _reasons(planner, g, cand, est, budget))
+        return _finish(doc, cand, est, factor, rows, _reasons(planner, g, cand, est, budget, base))
     raise _not_fit(planner, model, input_shape, batch_size, optimizer, profile, num_classes, name, budget)
 
 
@@ -298,7 +300,7 @@ def estimate_plan(
 ) -> Estimate:
     """`estimate` of a model with a per-layer plan applied (fake tensors, nothing allocated)."""
     m = copy.deepcopy(model)
-    low = [s for s in plan.methods if parse_spec(s).structural]
+    low = structural_specs(plan.methods)
     apply_plan_(m, Plan(methods=low, layers=plan.layers))
     rest = [s for s in plan.methods if s not in low]
     est = estimate(m, input_shape, batch_size, optimizer, profile, rest, num_classes, name)
@@ -315,8 +317,9 @@ def _row(p: Plan, est: Estimate, factor: float, fits: bool) -> dict:
             "risk": _plan_risk(p), "fits": fits}  # fmt: skip
 
 
-def _reasons(planner: Planner, g: StepWide, p: Plan, est: Estimate, budget: int) -> list[str]:
-    out = [f"plain needs {planner.plain.predicted['peak_device_bytes'] / MiB:.0f} MiB, over the budget of "
+def _reasons(planner: Planner, g: StepWide, p: Plan, est: Estimate, budget: int, base: str) -> list[str]:
+    alone = "plain" if base == "plain" else f"{base} alone"
+    out = [f"{alone} needs {planner.plain.predicted['peak_device_bytes'] / MiB:.0f} MiB, over the budget of "
            f"{budget / MiB:.0f} MiB; this plan: {est.predicted['peak_device_bytes'] / MiB:.0f} MiB"]  # fmt: skip
     if g.precision != "fp32":
         out.append(f"{g.precision}: the device computes it faster and saved activations halve")

@@ -26,7 +26,7 @@ import torch
 from edgetrain.devices.store import get_device
 from edgetrain.errors import ConfigError, EdgeOOMError, EdgetrainError
 from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
-from edgetrain.methods.base import parse_spec
+from edgetrain.methods.base import structural_specs
 from edgetrain.methods.lowrank import conversion_report, resize_to_
 from edgetrain.models import create_model
 from edgetrain.plan import Plan, apply_plan_, plan_for
@@ -120,7 +120,7 @@ class Recipe:
         cfg = self.cfg
         self.model = create_model(cfg.model, len(self.data.classes), None if state else cfg.init)
         self.plan = _state_plan(state, cfg.model) if state else self._plan(cfg.methods)
-        dense = copy.deepcopy(self.model) if state is None and _low_rank(self.plan) else None
+        dense = copy.deepcopy(self.model) if state is None and structural_specs(self.plan.methods) else None
         self._apply(self.plan)
         if state is not None:
             resize_to_(self.model, state["model"])  # ranks chosen from the weights (energy): the checkpoint's
@@ -135,8 +135,8 @@ class Recipe:
         cfg = self.cfg
         if cfg.plan and budget_bytes is None:
             return Plan.load(cfg.plan)
-        low = [m for m in forced if parse_spec(m).structural]
-        if forced and len(low) < len(forced):
+        low = structural_specs(forced)
+        if len(low) < len(forced):
             return Plan(methods=list(forced), model=cfg.model)
         chosen = plan_for(self.model, self.data.input_shape, cfg.batch_size, self.profile, cfg.optimizer,
                           cfg.prefer, cfg.model, len(self.data.classes), budget_bytes, methods=low)  # fmt: skip
@@ -211,7 +211,7 @@ class Recipe:
         return float(loss)
 
     def _sample(self) -> torch.Tensor:
-        """A fixed batch of training inputs (the conversion report's sample)."""
+        """A fixed batch of test inputs (the conversion report's sample)."""
         x, _ = next(iter(self.test_loader))
         return x[:32]
 
@@ -226,7 +226,7 @@ class Recipe:
         fresh = create_model(self.cfg.model, len(self.data.classes))  # plan on the model as built, not as applied
         model, self.model = self.model, fresh
         try:
-            new = self._plan([m for m in old.methods if parse_spec(m).structural], budget_bytes=tighter)
+            new = self._plan(structural_specs(old.methods), budget_bytes=tighter)
         finally:
             self.model = model
         if new.summary() == old.summary():
@@ -316,10 +316,6 @@ def _state_plan(state: dict[str, Any], model: str) -> Plan:
     if "plan" in state:
         return Plan.from_dict(state["plan"], "checkpoint")
     return Plan(methods=[str(m) for m in state.get("methods", [])], model=model)
-
-
-def _low_rank(plan: Plan) -> bool:
-    return any(parse_spec(m).structural for m in plan.methods)
 
 
 def _point_last_at(run: Path) -> None:

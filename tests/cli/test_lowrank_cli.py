@@ -41,6 +41,14 @@ def test_plan_with_a_low_rank_method(cli_json, tmp_path):
     assert r["methods"][0] == "tucker2"
 
 
+def test_plan_plot_with_a_low_rank_method(cli, tmp_path):
+    png = tmp_path / "plan.png"
+    code, _, err = cli("plan", "-d", "cpu", "-m", "cifar_resnet8", "-b", "8", "-s", "32", "--method", "tucker2",
+                       "--plot", str(png))  # fmt: skip
+    assert code == 0, err
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -14,7 +14,7 @@ from edgetrain.memory.measure import StepSpec, tracked_step
 from edgetrain.memory.predict import estimate
 from edgetrain.methods import factorize as fz
 from edgetrain.methods import lowrank as lr
-from edgetrain.methods.base import parse_spec, prepare, set_exportable
+from edgetrain.methods.base import apply_method_, parse_spec, prepare, set_exportable
 from edgetrain.plan import Plan, apply_plan_
 from edgetrain.plan.units import _flop_hooks
 from edgetrain.train.step import make_optimizer, train_step
@@ -283,6 +283,11 @@ def test_refused_cp_input_is_compressed_too():
     base = estimate(_tiny_vgg(), (3, 32, 32), 8, methods=["cp-refused:iters=2"])
     packed = estimate(_tiny_vgg(), (3, 32, 32), 8, methods=["cp-refused:iters=2", "compress:bits=4"])
     assert packed.predicted["saved_activation_bytes"] < 0.3 * base.predicted["saved_activation_bytes"]
+    only = prepare(_tiny_vgg(), ["cp-refused:iters=2"])[0]  # compress on the CP layer alone
+    spec = StepSpec((3, 32, 32), 8, 10)
+    before = tracked_step(only, spec, fake=False).saved_activation_bytes
+    apply_method_(only, parse_spec("compress:bits=4"), layers="2.first")
+    assert tracked_step(only, spec, fake=False).saved_activation_bytes < 0.8 * before
     model = prepare(_tiny_vgg(), ["cp-refused:iters=2"])[0]
     both = prepare(model, ["compress:bits=8"])[0]
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
