@@ -6,9 +6,10 @@ autocast copies and small tensors (BatchNorm statistics) pass through untouched.
 by several ops (a ReLU's output that the next conv saves as its input) is packed once.
 
 The `compress` method applies it per layer (a class swap, so state-dict names do not change):
-convs, linears and norms have their saved inputs packed; a ReLU's saved output is packed with
-exact zeros, so its backward mask stays exact; ReLU6 (and ReLU with `relu=mask`) keep a 1-bit
-mask instead. Inside a checkpointed block nothing is packed: checkpointing stores nothing there.
+convs, linears and norms have their saved inputs packed; ReLU and ReLU6 keep an exact 1-bit mask
+(or, with `relu=shared`, a ReLU's output is packed with its exact non-zero mask inside). Every
+codec is unbiased: the mean of many decodes is the tensor (stochastic rounding), and packs do
+not outlive the graph that saved them, so every step draws fresh noise. Inside a checkpointed block nothing is packed: checkpointing stores nothing there.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.GroupNorm, nn.ReLU, nn.R
 @dataclass(frozen=True)
 class CompressConfig(MethodConfig):
     """Pack saved activations: `quant` (min/max, `bits` in 1/2/4/8), `similar` (base + `bits`-bit
-    deltas), `none` (lossless pass-through). `relu`: `shared` packs ReLU outputs once, zero-exact;
-    `mask` keeps a 1-bit mask for the ReLU's own backward."""
+    deltas), `none` (lossless pass-through). `relu`: `mask` (default) keeps a 1-bit mask for the
+    ReLU's own backward, and the next layer packs the values; `shared` packs the ReLU's output
+    once with its non-zero mask inside (as many bytes when the next layer saves it, more when not).
+    Both are unbiased and keep the ReLU mask exact."""
 
     name: ClassVar[str] = "compress"
     help: ClassVar[str] = "pack saved activations to 8/4/2 bits or base+delta (lossy, ~1/4..1/12 the bytes)"
@@ -40,7 +43,7 @@ class CompressConfig(MethodConfig):
     scheme: str = "quant"
     group: int = 256
     stochastic: bool = True
-    relu: str = "shared"
+    relu: str = "mask"
     min_numel: int = 1024
 
     def __post_init__(self) -> None:
@@ -61,8 +64,11 @@ class CompressConfig(MethodConfig):
         return {8: 1, 4: 3}.get(self.bits, 4) if self.scheme == "quant" else 3
 
 
-# storage key -> (weakref to the storage, version, view, Packed): one pack per saved tensor
-_PACKED: dict[int, tuple[weakref.ref, int, tuple, Packed]] = {}
+# (storage key, codec) -> (weakref to the storage, version, view, weakref to the Packed): a tensor
+# saved by several ops of one graph is packed once. An entry lives only as long as its pack is
+# held by a graph that has not run backward yet: the next step (same input batch, same storage)
+# packs afresh, with fresh rounding noise, at whatever codec its layer now asks for.
+_PACKED: dict[tuple, tuple[weakref.ref, int, tuple, weakref.ref]] = {}
 
 
 class CompressHooks(torch.autograd.graph.saved_tensors_hooks):
@@ -80,15 +86,16 @@ class CompressHooks(torch.autograd.graph.saved_tensors_hooks):
     def _pack(self, t: torch.Tensor) -> Any:
         if not _compressible(t, self.config, self.skip):
             return t
-        st = t.untyped_storage()
-        key, view = st._cdata, (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        c, st = self.config, t.untyped_storage()
+        key = (st._cdata, c.scheme, c.bits, c.group, c.stochastic, self.zero_exact)
+        view = (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         hit = _PACKED.get(key)
-        if hit is not None and hit[0]() is st and hit[1] == t._version and hit[2] == view:
-            return hit[3]
-        c = self.config
+        if hit is not None and hit[0]() is st and hit[1] == t._version and hit[2] == view and hit[3]() is not None:
+            return hit[3]()
         with torch.autocast(t.device.type, enabled=False):  # codes are exact integers: no half-precision matmuls
             p = encode(t, c.scheme, c.bits, c.group, c.stochastic, self.zero_exact)
-        _PACKED[key] = (weakref.ref(st, lambda _r, key=key: _PACKED.pop(key, None)), t._version, view, p)
+        drop = _dropper(key)
+        _PACKED[key] = (weakref.ref(st, drop), t._version, view, weakref.ref(p, drop))
         self.stats["packed"] += 1
         self.stats["bytes_in"] += t.numel() * t.element_size()
         self.stats["bytes_out"] += p.nbytes()
@@ -100,6 +107,18 @@ class CompressHooks(torch.autograd.graph.saved_tensors_hooks):
             return p
         with torch.autocast(p.tensors[0].device.type, enabled=False):
             return decode(p)
+
+
+def _dropper(key: tuple):
+    """A weakref callback that forgets `key` once its storage or its pack is gone (and only then:
+    a newer entry under the same key is left alone)."""
+
+    def drop(ref: weakref.ref) -> None:
+        entry = _PACKED.get(key)
+        if entry is not None and (entry[0] is ref or entry[3] is ref):
+            del _PACKED[key]
+
+    return drop
 
 
 def _param_views(module: nn.Module) -> tuple[set[int], set[tuple[int, ...]]]:

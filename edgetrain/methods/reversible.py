@@ -5,8 +5,10 @@ It is inverted exactly in real arithmetic:  x2 = y2 - G(y1),  x1 = y1 - F(x2).
 `ReversibleSequence` runs a chain of such blocks (and invertible downsamplings) in one
 autograd Function that keeps only the chain's output; backward walks the chain in reverse,
 rebuilding each block's input from its output, re-running the block with grad enabled, and
-back-propagating through it. BatchNorm statistics are updated once (in forward), dropout sees
-the same mask in the re-run (RNG state restored), autocast is re-entered as it was.
+back-propagating through it. BatchNorm statistics are updated once (in forward), every random
+draw is replayed (any dropout kind; the CPU generator and the tensor's CUDA one), autocast is
+re-entered as it was. The gradients equal those of the same chain with stored activations in
+any graph around it (float64 to rounding; tests/methods/test_reversible_graphs.py).
 
 Floating point makes the reconstruction drift along long chains: `reconstruction_errors`
 measures it, and `check_every`/`tolerance` make the sequence verify it every N steps and keep
@@ -16,11 +18,12 @@ measures it, and `check_every`/`tolerance` make the sequence verify it every N s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from edgetrain.errors import ConfigError
 from edgetrain.methods.base import MethodConfig, MethodHandler, register_method
 from edgetrain.methods.checkpoint import frozen_bn_stats
 
@@ -39,36 +42,42 @@ class Coupling(nn.Module):
         super().__init__()
         self.f, self.g = f, g
         self.store_input = False  # set by the drift guard: keep this block's input
-        self._random = any(isinstance(m, nn.Dropout) for m in self.modules())
-        self._states = None  # RNG states before F and before G in the last training forward
 
     def forward(self, x):  # (N, C, H, W) -> (N, C, H, W)
-        x1, x2 = x.chunk(2, dim=1)
-        sf = torch.get_rng_state() if self._random and self.training else None
-        y1 = x1 + self.f(x2)
-        sg = torch.get_rng_state() if sf is not None else None
-        self._states = (sf, sg) if sf is not None else None
-        return torch.cat([y1, x2 + self.g(y1)], dim=1)
+        return self.record(x, capture=False)[0]
 
-    def backward_pass(self, y, dy, grads: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def record(self, x, capture: bool = True) -> tuple[torch.Tensor, tuple]:
+        """Forward, with the RNG states met before F and before G (what a replay needs)."""
+        x1, x2 = x.chunk(2, dim=1)
+        sf = RngState.capture(x) if capture else None
+        y1 = x1 + self.f(x2)
+        sg = RngState.capture(x) if capture else None
+        return torch.cat([y1, x2 + self.g(y1)], dim=1), (sf, sg)
+
+    def backward_pass(self, y, dy, grads: dict, rng: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """Rebuild the input and back-propagate in one sweep (Gomez et al. 2017): G's graph, then
-        F's, never both; F and G run once each. `y` and `dy` are overwritten in place with the
-        block's input and its gradient (the caller owns them), so no full-size copy is made.
+        F's, never both; F and G run once each. `y` and `dy` are private buffers of the chain's
+        backward, overwritten in place with the block's input and its gradient (no full-size copy).
         Adds parameter gradients to `grads`; returns (x, dx)."""
         y1, y2 = y.chunk(2, dim=1)  # views: y1 stays until last, y2 becomes x2
         dy1, dy2 = dy.chunk(2, dim=1)  # views: dy1 becomes dL/dx1, dy2 becomes dL/dx2
-        sf, sg = self._states or (None, None)
+        sf, sg = rng
         _undo_half(self.g, y1, y2, dy2, dy1, sg, grads)  # x2 = y2 - G(y1); dL/dy1 += G'(y1)^T dy2
         _undo_half(self.f, y2, y1, dy1, dy2, sf, grads)  # x1 = y1 - F(x2); dL/dx2 += F'(x2)^T dL/dy1
         return y, dy
 
-    def inverse(self, y):  # (N, C, H, W) -> (N, C, H, W); dropout replays the forward's masks
+    def inverse(self, y, rng: tuple = (None, None)):  # (N, C, H, W) -> (N, C, H, W)
+        """The input, from the output; `rng` (from `record`) replays the forward's random draws."""
         y1, y2 = y.chunk(2, dim=1)
-        sf, sg = self._states or (None, None)
+        sf, sg = rng
         with _rng(sg):
             x2 = y2 - self.g(y1)
         with _rng(sf):
             return torch.cat([y1 - self.f(x2), x2], dim=1)
+
+    def replay_state(self, rng: tuple):
+        """The state to restore before re-running the whole block: the one before F."""
+        return rng[0]
 
 
 class InvDownsample(nn.Module):
@@ -79,10 +88,10 @@ class InvDownsample(nn.Module):
     def forward(self, x):
         return nn.functional.pixel_unshuffle(x, 2)
 
-    def inverse(self, y):
+    def inverse(self, y, rng=None):
         return nn.functional.pixel_shuffle(y, 2)
 
-    def backward_pass(self, y, dy, grads: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward_pass(self, y, dy, grads: dict, rng=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Input and its gradient, written back into the buffers of `y` and `dy` (same sizes)."""
         x, dx = nn.functional.pixel_shuffle(y, 2), nn.functional.pixel_shuffle(dy, 2)
         y.view(x.shape).copy_(x)
@@ -90,48 +99,101 @@ class InvDownsample(nn.Module):
         return y.view(x.shape), dy.view(dx.shape)
 
 
+class RngState:
+    """The generator states a block's random draws start from: the CPU generator, and the
+    tensor's CUDA device generator when it lives there (dropout on a GPU draws from that one)."""
+
+    def __init__(self, cpu: torch.Tensor, device: tuple[torch.device, torch.Tensor] | None):
+        self.cpu, self.device = cpu, device
+
+    @classmethod
+    def capture(cls, x: torch.Tensor) -> RngState:
+        dev = (x.device, torch.cuda.get_rng_state(x.device)) if x.device.type == "cuda" else None
+        return cls(torch.get_rng_state(), dev)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.device is not None:
+            torch.cuda.set_rng_state(self.device[1], self.device[0])
+
+
+class _rng:
+    """Replay a block's random draws (every dropout kind, any module drawing from torch's
+    generators), then put the generators back as they were."""
+
+    def __init__(self, state: RngState | None):
+        self.state = state
+
+    def __enter__(self):
+        if self.state is not None:
+            self.saved = RngState(torch.get_rng_state(), self.state.device and (
+                self.state.device[0], torch.cuda.get_rng_state(self.state.device[0])))  # fmt: skip
+            self.state.restore()
+
+    def __exit__(self, *exc):
+        if self.state is not None:
+            self.saved.restore()
+
+
+def _record(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Run one block of the chain, keeping what its replay needs (RNG states)."""
+    if hasattr(block, "record"):
+        return block.record(x)
+    state = RngState.capture(x)
+    return block(x), state
+
+
 class _RevChain(torch.autograd.Function):
-    """Forward without a graph, keeping only the output (and inputs of `store_input` blocks)."""
+    """Forward without a graph, keeping only the output (and inputs of `store_input` blocks).
+
+    Backward rebuilds inputs in private copies of the output and of the incoming gradient: the
+    caller's tensors are never written, whoever else holds them (a residual around the chain
+    gets the same gradient tensor; the output may be read again), and a retained graph can be
+    run backward twice. Each call keeps its own RNG states, so several calls can precede one
+    backward."""
 
     @staticmethod
     def forward(ctx, x, seq, *params):
         ctx.seq = seq
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
-        ctx.rng, kept, check = [], {}, seq._check_now()
+        ctx.rng, kept, check, x_in = [], {}, seq._check_now(), x
+        x = x.detach()  # blocks see plain tensors (module hooks, e.g. torch's MemTracker, expect that)
         with torch.no_grad():
             for i, block in enumerate(seq.blocks):
                 if block.store_input or check:
                     kept[i] = x.detach().clone() if check and not block.store_input else x
-                ctx.rng.append(torch.get_rng_state() if getattr(block, "_random", False) else None)
-                x = block(x)
-        ctx.kept, ctx.check = kept, check
-        ctx.save_for_backward(x)
+                x, state = _record(block, x)
+                ctx.rng.append(state)
+        ctx.check, ctx.input_kept = check, bool(seq.blocks[0].store_input)  # then kept[0] is the caller's
+        if ctx.input_kept:  # the caller's own tensor: saved, so autograd checks it is not modified
+            del kept[0]
+        ctx.kept = kept
+        ctx.save_for_backward(x, *([x_in] if ctx.input_kept else []))
         return x
 
     @staticmethod
     def backward(ctx, dy):
         seq = ctx.seq
-        (y,) = ctx.saved_tensors
-        # The chain rebuilds inputs in place: in the saved output itself (nothing after us needs it;
-        # a second backward through the same graph is not supported) and in the incoming gradient
-        # when it is a dense buffer of its own (else in a copy of it).
-        y = y.detach()
-        if not dy.is_contiguous() or dy.untyped_storage().nbytes() != dy.numel() * dy.element_size():
-            dy = dy.clone(memory_format=torch.contiguous_format)
+        y, *inp = ctx.saved_tensors
+        kept = {**ctx.kept, **({0: inp[0]} if inp else {})}
+        y = y.detach().clone(memory_format=torch.contiguous_format)
+        dy = dy.clone(memory_format=torch.contiguous_format)
         grads: dict[nn.Parameter, torch.Tensor] = {}
         errors: dict[int, float] = {}
         for i in reversed(range(len(seq.blocks))):
-            block = seq.blocks[i]
-            if isinstance(block, Coupling | InvDownsample) and i not in ctx.kept:
+            block, rng = seq.blocks[i], ctx.rng[i]
+            if hasattr(block, "backward_pass") and i not in kept:
                 with _autocast(y, ctx.autocast), frozen_bn_stats(block):
-                    y, dy = block.backward_pass(y, dy, grads)
+                    y, dy = block.backward_pass(y, dy, grads, rng)
                 continue
             with torch.no_grad(), _autocast(y, ctx.autocast), frozen_bn_stats(block):
-                x = ctx.kept[i] if block.store_input else block.inverse(y)
-            if ctx.check and i in ctx.kept:
-                errors[i] = (x.float() - ctx.kept[i].float()).abs().max().item()
-                x = ctx.kept[i]
-            y, dy = _block_backward(block, x, dy, ctx.rng[i], ctx.autocast, grads)
+                x = kept[i] if block.store_input else block.inverse(y, rng)
+            if ctx.check and i in kept:
+                errors[i] = (x.float() - kept[i].float()).abs().max().item()
+                x = kept[i]
+            replay = block.replay_state(rng) if hasattr(block, "replay_state") else rng
+            dy = _block_backward(block, x, dy, replay, ctx.autocast, grads)
+            y = x.detach().clone() if i in kept and i > 0 else x.detach()  # kept tensors stay intact
         if ctx.check:
             seq._record_errors(errors)
         return (dy, None, *(grads.get(p) for p in seq._params()))
@@ -158,33 +220,17 @@ def _grad(out, inp, module: nn.Module, dout, grads: dict) -> torch.Tensor:
     return got[0]
 
 
-def _block_backward(block, x, dy, rng, autocast, grads):
-    """Re-run `block` on its rebuilt input with grad, back-propagate `dy`; returns (x, dx)."""
+def _block_backward(block, x, dy, rng, autocast, grads) -> torch.Tensor:
+    """Re-run `block` on its rebuilt input with grad, back-propagate `dy`; returns dx."""
     xg = x.detach().requires_grad_(True)
     with torch.enable_grad(), _autocast(x, autocast), frozen_bn_stats(block), _rng(rng):
         out = block(xg)
-    return x.detach(), _grad(out, xg, block, dy, grads)
+    return _grad(out, xg, block, dy, grads)
 
 
 def _autocast(x, state):
     enabled, dtype = state
     return torch.autocast(x.device.type, dtype=dtype, enabled=enabled)
-
-
-class _rng:
-    """Restore the CPU RNG state of the forward pass, so dropout draws the same mask."""
-
-    def __init__(self, state):
-        self.state = state
-
-    def __enter__(self):
-        if self.state is not None:
-            self.saved = torch.get_rng_state()
-            torch.set_rng_state(self.state)
-
-    def __exit__(self, *exc):
-        if self.state is not None:
-            torch.set_rng_state(self.saved)
 
 
 class ReversibleSequence(nn.Module):
@@ -194,6 +240,14 @@ class ReversibleSequence(nn.Module):
 
     def __init__(self, blocks: list[nn.Module], check_every: int = 0, tolerance: float = 1e-3, enabled: bool = True):
         super().__init__()
+        for i, block in enumerate(blocks):
+            if not callable(getattr(block, "inverse", None)):
+                raise ConfigError(
+                    f"ReversibleSequence: block {i} ({type(block).__name__}) has no inverse(), so its input cannot "
+                    "be rebuilt: use Coupling / InvDownsample, give the module an inverse(y, rng), or run it outside the chain"
+                )
+            if not hasattr(block, "store_input"):
+                block.store_input = False
         self.blocks = nn.ModuleList(blocks)
         self.enabled = enabled  # False: plain autograd, activations stored (reference, export)
         self.check_every, self.tolerance = check_every, tolerance

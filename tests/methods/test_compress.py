@@ -65,8 +65,9 @@ def test_eight_bit_gradients_are_close_to_plain(model, batch):
     assert _cos(g, g2) < _cos(g, g8)  # fewer bits, more noise: the test can tell them apart
 
 
+# 2 bits: 2-bit codes plus the exact 1-bit ReLU masks that keep the codec unbiased (measured 0.081)
 @pytest.mark.parametrize("spec,limit", [("compress:bits=8", 0.26), ("compress:bits=4", 0.14),
-                                        ("compress:bits=2", 0.08), ("compress:scheme=similar", 0.32)])  # fmt: skip
+                                        ("compress:bits=2", 0.09), ("compress:scheme=similar", 0.32)])  # fmt: skip
 def test_measured_saved_bytes_shrink_by_the_stated_factor(spec, limit):
     model = create_model("resnet18")
     spec_ = StepSpec((3, 32, 32), 8, 10)
@@ -156,3 +157,78 @@ def test_training_with_four_bit_activations_converges(tmp_path):
     report = fit(FitConfig(device="cpu", model="cifar_resnet20", epochs=2, out=str(tmp_path / "r"), quiet=True,
                            methods=["compress:bits=4"]))  # fmt: skip
     assert report["methods"] == ["compress:bits=4"] and report["test_accuracy"] > 0.8  # chance is 0.1
+
+
+def _conv_grad(bits: int | None, x: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3))
+    if bits:
+        apply_method_(m, parse_spec(f"compress:bits={bits}"))
+    m(x).square().sum().backward()
+    return m[0].weight.grad
+
+
+def test_packs_do_not_outlive_their_step():
+    """The same input storage in the next step is packed again: at the layer's own bit-width, with
+    fresh noise (a cache keyed by storage alone gave an 8-bit model the 2-bit pack of the step before)."""
+    from edgetrain.methods import compress
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    exact = _conv_grad(None, x)
+    err = {b: ((_conv_grad(b, x) - exact).norm() / exact.norm()).item() for b in (2, 8)}
+    assert err[8] < 0.1 * err[2], err  # the 8-bit step after a 2-bit one has 8-bit error
+    m = nn.Sequential(nn.Conv2d(3, 8, 3))
+    apply_method_(m, parse_spec("compress:bits=2"))
+    grads = []
+    for _ in range(2):  # two steps on the same x: two draws of rounding noise
+        m.zero_grad()
+        m(x).square().sum().backward()
+        grads.append(m[0].weight.grad.clone())
+    assert not torch.equal(*grads)
+    assert not compress._PACKED  # nothing cached once the graphs are gone
+
+
+def test_one_tensor_saved_twice_in_a_graph_is_packed_once():
+    hooks = CompressHooks(CompressConfig(bits=4))
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    w1, w2 = torch.randn(8, 8, 3, 3, requires_grad=True), torch.randn(8, 8, 3, 3, requires_grad=True)
+    h = torch.relu(x)
+    with hooks:
+        y = nn.functional.conv2d(h, w1) + nn.functional.conv2d(h, w2)
+    assert hooks.stats["packed"] == 1
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_relu_packing_is_unbiased_and_keeps_the_mask_exact(bits):
+    from edgetrain.methods import packing
+
+    torch.manual_seed(0)
+    r = torch.relu(torch.randn(16384))
+    draws = [packing.dequantize(packing.quantize(r, bits, 256, zero_exact=True)) for _ in range(400)]
+    assert all(torch.equal(d > 0, r > 0) for d in draws[:20])
+    mean = torch.stack(draws).mean(0)
+    assert abs(mean.mean() / r.mean() - 1) < 0.002  # was +42 % (2 bits) and +1.8 % (4 bits)
+
+
+# resnet18 at 64 px, batch 8: at 32 px and batch 4 its last BatchNorms normalize 4 values each, and
+# any perturbation of their input is amplified tenfold (the plain gradient is no reference there).
+@pytest.mark.parametrize("model,size,batch", [("cifar_resnet20", 16, 4), ("resnet18", 64, 8)])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_whole_model_gradient_mean_converges_to_the_exact_gradient(model, size, batch, bits):
+    """The mean of n compressed backward passes on one batch approaches the exact gradient like
+    1/sqrt(n): from n=4 to n=32 the error of the mean falls about 2.8x (held: at least 2x). A
+    bias (a pack reused across passes, or a biased codec) would make it level off."""
+    torch.manual_seed(0)
+    base = create_model(model).train()
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    exact = _grads(copy.deepcopy(base), x, y)
+    comp = prepare(base, [f"compress:bits={bits}"])[0].train()
+    draws = torch.stack([_grads(comp, x, y) for _ in range(32)])
+
+    def err(n: int) -> float:  # the mean over disjoint sets of n draws, averaged
+        means = draws.view(32 // n, n, -1).mean(1)
+        return ((means - exact).norm(dim=1) / exact.norm()).mean().item()
+
+    assert err(32) < err(4) / 2, (err(4), err(32))
