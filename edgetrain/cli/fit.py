@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from edgetrain.cli.common import Verb, add_json, print_json
 
@@ -27,7 +28,8 @@ class Fit(Verb):
         p.add_argument("--epochs", type=int, default=8)
         p.add_argument("--batch-size", "-b", type=int, default=64)
         p.add_argument("--input-size", "-s", type=int, default=32)
-        p.add_argument("--lr", type=float, default=0.05)
+        p.add_argument("--lr", type=float, default=None,
+                       help="peak learning rate (default: sgd 0.1 x batch/256, adamw 1e-3)")  # fmt: skip
         p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument(
@@ -61,4 +63,9 @@ class Fit(Verb):
             print(f"{report['model']} on {report['device']} ({report['plan']}): "
                   f"test accuracy {report['test_accuracy']:.2%}; peak {meas} / {report['predicted_peak_bytes'] / 2**20:.0f} "
                   f"MiB predicted, budget {report['budget_bytes'] / 2**20:.0f} MiB; run in {cfg.out}")  # fmt: skip
+        if not report["learned"]:
+            print(f"edgetrain fit: did not learn: test accuracy {report['test_accuracy']:.1%} is near chance "
+                  f"({report['chance_accuracy']:.1%}): try more --epochs (now {cfg.epochs}), a lower --lr "
+                  f"(now {report['config']['lr']:g}), or check that the class folders of --data hold what their names say",
+                  file=sys.stderr)  # fmt: skip
         return 0

@@ -42,6 +42,19 @@ def save(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def save_weights(state_dict: dict[str, Any], path: str | Path) -> Path:
+    """A plain `torch.save` file (what `torch.load` and `--init` read), written atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state_dict, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
 def _read(path: Path) -> dict[str, Any]:
     raw = path.read_bytes()
     if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 65:

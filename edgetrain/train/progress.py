@@ -40,9 +40,12 @@ class Progress:
         rate = f"{speed:.1f} step/s" if speed else "-"
         self._bar.update(self._task, completed=step, loss=f"{loss:.3f}", mem=mem, rate=rate)
 
-    def note(self, text: str) -> None:
+    def note(self, text: str, always: bool = False) -> None:
+        """A line above the bar (never wrapped); `always`: on stderr even when quiet."""
         if self._bar:
-            self._bar.console.print(text)
+            self._bar.console.print(text, soft_wrap=True, highlight=False)
+        elif always:
+            print(text, file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
         if self._bar:

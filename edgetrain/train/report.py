@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from edgetrain.memory.plot import plot_timeline
 from edgetrain.models import create_model
 from edgetrain.plan.search import estimate_plan
+from edgetrain.train.evaluate import Evaluation
 
 
-def write_report(recipe) -> dict[str, Any]:
-    """Evaluate, predict the plan's memory once more, and write the run's report and plots."""
+def write_report(recipe, ev: Evaluation) -> dict[str, Any]:
+    """Predict the plan's memory once more, and write the run's report (with the final
+    evaluation `ev`) and plots."""
     from edgetrain.train.recipe import median_step_time
 
     cfg, out = recipe.cfg, Path(recipe.out)
-    acc, test_loss = recipe.evaluate()
     fresh = create_model(cfg.model, len(recipe.data.classes))
     est = estimate_plan(fresh, recipe.plan, recipe.data.input_shape, cfg.batch_size, cfg.optimizer, recipe.profile,
                         len(recipe.data.classes), cfg.model)  # fmt: skip
     evals = [h for h in recipe.history if "test_accuracy" in h]
     report = {
         "model": cfg.model, "device": recipe.profile.name, "data": cfg.data, "epochs": cfg.epochs, "steps": recipe.step,
-        "methods": recipe.plan.specs(), "plan": recipe.plan.summary(), "test_accuracy": acc, "test_loss": test_loss,
+        "methods": recipe.plan.specs(), "plan": recipe.plan.summary(), "test_accuracy": ev.accuracy, "test_loss": ev.loss,
+        "learned": ev.learned(), "chance_accuracy": ev.chance, "classes": recipe.data.classes,
+        "per_class_accuracy": ev.per_class_accuracy, "confusion": ev.confusion, "recoveries": recipe.recoveries,
         "accuracy_by_epoch": [h["test_accuracy"] for h in evals],
         "predicted_peak_bytes": est.predicted["peak_total_bytes"], "predicted_device_bytes": est.predicted["peak_device_bytes"],
         "measured_peak_bytes": recipe.measured_peak, "budget_bytes": est.budget_bytes,
@@ -34,7 +38,8 @@ def write_report(recipe) -> dict[str, Any]:
         "lowrank": recipe.conversion,
     }  # fmt: skip
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in recipe.history))
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    _write_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
+    plot_confusion(ev, recipe.data.classes, out / "confusion.png", f"{cfg.model} on {cfg.data}: test confusion")
     plot_curves(recipe.history, out / "curves.png", f"{cfg.model} on {cfg.data} ({recipe.plan.summary()})")
     plot_timeline(
         est.report, out / "memory.png", f"{cfg.model} b{cfg.batch_size} on {recipe.profile.name}", est.budget_bytes
@@ -61,6 +66,43 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     ax2.set_ylim(0, 1)
     ax.set_title(title)
     fig.legend(loc="upper center", ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot_confusion(ev: Evaluation, classes: list[str], path: Path, title: str) -> None:
+    """The test confusion matrix, rows normalized (true class), counts written in each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(ev.confusion)  # (K, K)
+    rates = counts / np.maximum(1, counts.sum(1, keepdims=True))
+    k = len(classes)
+    side = min(12.0, 3.0 + 0.45 * k)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+        ax.set_xticks(range(k), classes, rotation=45 if k > 6 else 0, ha="right" if k > 6 else "center")
+        ax.set_yticks(range(k), [f"{c} ({a:.0%})" if a is not None else c
+                                 for c, a in zip(classes, ev.per_class_accuracy, strict=True)])  # fmt: skip
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (per-class accuracy)")
+    ax.set_title(f"{title}\naccuracy {ev.accuracy:.1%} (chance {ev.chance:.1%})", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -32,13 +32,20 @@ class StepSettings:
 
 
 def make_optimizer(name: str, params, lr: float = 0.05) -> torch.optim.Optimizer:
-    """The optimizers edgetrain knows, with the defaults its memory figures assume."""
+    """The optimizers edgetrain knows, with the defaults its memory figures assume. Weight decay
+    applies to weight matrices and kernels only: decaying BatchNorm scales and biases pulls them
+    towards zero for nothing (it hurts most on small datasets, where it is most of the signal)."""
     params = [p for p in params if p.requires_grad]
+    decay, no_decay = [p for p in params if p.dim() > 1], [p for p in params if p.dim() <= 1]
+    if name not in ("sgd", "adamw"):
+        raise ConfigError(f"optimizer '{name}' unknown: use sgd or adamw")
+    wd = 5e-4 if name == "sgd" else 1e-2
+    groups = [
+        g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]
+    ]
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, foreach=False)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, foreach=False)
-    raise ConfigError(f"optimizer '{name}' unknown: use sgd or adamw")
+        return torch.optim.SGD(groups or params, lr=lr, momentum=0.9, foreach=False)
+    return torch.optim.AdamW(groups or params, lr=lr, foreach=False)
 
 
 def _autocast(x: torch.Tensor, precision: str):
