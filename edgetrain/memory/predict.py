@@ -69,7 +69,7 @@ def estimate(
     budget = profile.usable_memory_bytes if profile else None
     if profile is not None:
         _check_budget(model, budget, profile)
-    prepared, configs, settings = prepare(model, list(methods))
+    prepared, configs, settings = prepare(model, list(methods), shapes_only=True)
     spec = StepSpec(tuple(input_shape), batch_size, num_classes or _num_classes(model), optimizer, settings)
     report = _fake_step(prepared, spec, name)
     predicted = summarize(report, profile)

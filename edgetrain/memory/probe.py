@@ -7,6 +7,7 @@ a process that did other work first says nothing about the step. Prints one JSON
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -49,7 +50,7 @@ def _main(req: dict[str, Any]) -> dict[str, Any]:
 
         settings = apply_plan_(model, Plan.from_dict(req["plan"]))
     else:
-        model, _, settings = prepare(model, req.get("methods", []))
+        model, _, settings = prepare(model, req.get("methods", []), shapes_only=True)  # a fresh model
     spec = StepSpec(tuple(req["input_shape"]), req["batch_size"], req["num_classes"], req["optimizer"], settings)
     if cuda:
         model = model.cuda()
@@ -67,14 +68,28 @@ def _main(req: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def measure_in_subprocess(request: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
-    """Run `_main(request)` in a fresh interpreter; errors come back as their one line."""
-    from edgetrain.errors import EdgeOOMError, EdgetrainError
+TIMEOUT_ENV = "EDGETRAIN_PROBE_TIMEOUT"  # seconds a measuring process may run (default 900)
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgetrain.memory.probe", json.dumps(request)],
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+
+def measure_in_subprocess(request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run `_main(request)` in a fresh interpreter; errors, a time-out too, come back as one line."""
+    from edgetrain.errors import ConfigError, EdgeOOMError, EdgetrainError
+
+    try:
+        timeout = float(os.environ.get(TIMEOUT_ENV, 900)) if timeout is None else timeout
+    except ValueError:
+        raise ConfigError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} is not a number of seconds") from None
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgetrain.memory.probe", json.dumps(request)],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        what = f"{request.get('model', 'a model')} at batch {request.get('batch_size', '?')}"
+        raise EdgetrainError(
+            f"the measuring process ({what}) did not finish within {timeout:g} s and was stopped: "
+            f"measure a smaller step, or raise the limit with {TIMEOUT_ENV}=SECONDS"
+        ) from None
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]

@@ -30,6 +30,12 @@ class MethodConfig:
     help: ClassVar[str] = ""
     structural: ClassVar[bool] = False  # changes the layers themselves (low-rank): applied before the rest
 
+    def for_shapes(self) -> MethodConfig:
+        """The config to apply where only shapes and bytes matter (estimating, planning, measuring
+        a fresh model): the same by default; a method whose values are costly to compute and do not
+        change any shape returns a cheaper twin."""
+        return self
+
 
 class MethodHandler:
     """How a method acts. Defaults: no module replaced, step unchanged."""
@@ -132,11 +138,13 @@ def apply_method_(model: nn.Module, config: MethodConfig, layers: str = "*") -> 
 
 
 def prepare(
-    model: nn.Module, methods: list[MethodConfig | str], inplace: bool = False
+    model: nn.Module, methods: list[MethodConfig | str], inplace: bool = False, shapes_only: bool = False
 ) -> tuple[nn.Module, list[MethodConfig], StepSettings]:
     """Apply `methods` (configs or specs) to a copy of `model`, or to `model` itself when
-    `inplace`; returns the model, the parsed configs and the step settings they imply."""
+    `inplace`; returns the model, the parsed configs and the step settings they imply.
+    `shapes_only`: the weights' values will not be used (see `MethodConfig.for_shapes`)."""
     configs = [parse_spec(m) if isinstance(m, str) else m for m in methods]
+    configs = [c.for_shapes() for c in configs] if shapes_only else configs
     if configs and not inplace:
         model = copy.deepcopy(model)
     for c in configs:

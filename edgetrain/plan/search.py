@@ -213,7 +213,7 @@ def plan(
             raise ConfigError(f"method '{spec}' is one the planner chooses itself: give only low-rank "
                               "methods (tucker2, cp, cp-refused, partial), or force everything with fit --method")  # fmt: skip
     if methods:
-        model = prepare(model, list(methods))[0]
+        model = prepare(model, list(methods), shapes_only=True)[0]
     base = " + ".join(methods) or "plain"
     chosen = _search(model, input_shape, batch_size, profile, optimizer, prefer, name, num_classes, budget_bytes, base)
     return _with_low_rank(chosen, list(methods)) if methods else chosen
