@@ -34,7 +34,7 @@ METHODS = [
     ("8-bit", ["compress:bits=8"], 0.26),
     ("4-bit", ["compress:bits=4"], 0.14),
     ("2-bit", ["compress:bits=2"], 0.08),
-    ("2-bit, 1-bit ReLU masks", ["compress:bits=2,relu=mask"], 0.08),
+    ("2-bit, ReLU output shared", ["compress:bits=2,relu=shared"], 0.08),
     ("base+delta (Facto-CNN)", ["compress:scheme=similar,bits=2"], 0.32),
 ]
 

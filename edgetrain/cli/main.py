@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from edgetrain.devices.store import add_profile_dir
 
-    for d in args.profiles:
-        add_profile_dir(d)
     try:
+        for d in args.profiles:
+            add_profile_dir(d)
         return args._verb.run(args)
     except EdgetrainError as e:
         print(f"edgetrain {args.verb}: error: {e}", file=sys.stderr)

@@ -148,6 +148,10 @@ def load_profile(path: str | Path) -> DeviceProfile:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         at = f" (line {line + 1})" if line is not None else ""
         raise ProfileError(f"{path}: not valid YAML{at}: fix the syntax or re-run `edgetrain profile --save`") from None
+    except UnicodeDecodeError:
+        raise ProfileError(f"{path}: not a text file, so no profile: re-run `edgetrain profile --save`") from None
+    except OSError as e:
+        raise ProfileError(f"{path}: cannot be read ({e.strerror}): give a profile YAML file") from None
     return profile_from_dict(data, str(path))
 
 

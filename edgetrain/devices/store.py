@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from edgetrain.devices.profile import DeviceProfile, load_profile
-from edgetrain.errors import UnknownNameError
+from edgetrain.errors import ConfigError, UnknownNameError
 
 _extra_dirs: list[Path] = []
 
@@ -26,6 +26,8 @@ def user_dir() -> Path:
 
 def add_profile_dir(path: str | Path) -> None:
     """Also search `path` (the CLI's `--profiles DIR`); later directories win on equal names."""
+    if not Path(path).is_dir():
+        raise ConfigError(f"--profiles {path}: no such directory (it should hold profile YAML files)")
     _extra_dirs.append(Path(path))
 
 

@@ -103,7 +103,9 @@ class Plan:
             doc = yaml.safe_load(path.read_text())  # JSON is YAML
         except FileNotFoundError:
             raise ConfigError(f"plan {path}: no such file; write one with `edgetrain plan --out {path}`") from None
-        except yaml.YAMLError:
+        except OSError as e:
+            raise ConfigError(f"plan {path}: cannot be read ({e.strerror}): give a plan file") from None
+        except (yaml.YAMLError, UnicodeDecodeError):  # a binary file is no text at all
             raise ConfigError(f"plan {path}: not valid YAML or JSON; write it again with `edgetrain plan`") from None
         return cls.from_dict(doc, f"plan {path}")
 
