@@ -79,6 +79,10 @@ def test_saved_weights_carry_statistics_that_match_them(tmp_path):
     recalibrate_bn_(model, precise_bn_sample(load_data("digits", 16).train, 0), 32)
     for k, v in model.state_dict().items():
         assert torch.allclose(v.float(), before[k].float(), atol=1e-6), k
+    from edgetrain.train import checkpoint as ckpt
+
+    exported = ckpt.load(tmp_path / "r/checkpoint.pt")["model"]  # what `edgetrain export --run` reads
+    assert all(torch.equal(exported[k], v) for k, v in before.items() if "running" in k)
     assert r["test_accuracy"] > 0.5  # one epoch: eval mode no longer reads near chance (was 10.6 %)
 
 
