@@ -214,7 +214,9 @@ def test_relu_packing_is_unbiased_and_keeps_the_mask_exact(bits):
 
 # resnet18 at 64 px, batch 8: at 32 px and batch 4 its last BatchNorms normalize 4 values each, and
 # any perturbation of their input is amplified tenfold (the plain gradient is no reference there).
-@pytest.mark.parametrize("model,size,batch", [("cifar_resnet20", 16, 4), ("resnet18", 64, 8)])
+@pytest.mark.parametrize(
+    "model,size,batch", [("cifar_resnet20", 16, 4), pytest.param("resnet18", 64, 8, marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize("bits", [4, 2])
 def test_whole_model_gradient_mean_converges_to_the_exact_gradient(model, size, batch, bits):
     """The mean of n compressed backward passes on one batch approaches the exact gradient like
