@@ -13,6 +13,9 @@ import edgetrain.train.recipe as recipe_mod
 from edgetrain.train.evaluate import recalibrate_bn_
 from edgetrain.train.recipe import Diverged, FitConfig, fit
 
+# the injected steps skip optimizer.step(), so the scheduler warns that it stepped first
+pytestmark = pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
+
 SMALL = dict(model="cifar_resnet8", input_size=16, batch_size=32, quiet=True, device="cpu")
 
 
