@@ -9,7 +9,8 @@ The `compress` method applies it per layer (a class swap, so state-dict names do
 convs, linears and norms have their saved inputs packed; ReLU and ReLU6 keep an exact 1-bit mask
 (or, with `relu=shared`, a ReLU's output is packed with its exact non-zero mask inside). Every
 codec is unbiased: the mean of many decodes is the tensor (stochastic rounding), and packs do
-not outlive the graph that saved them, so every step draws fresh noise. Inside a checkpointed block nothing is packed: checkpointing stores nothing there.
+not outlive the graph that saved them, so every step draws fresh noise. Inside a checkpointed
+block nothing is packed: checkpointing stores nothing there.
 """
 
 from __future__ import annotations

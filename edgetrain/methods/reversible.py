@@ -108,8 +108,12 @@ class RngState:
 
     @classmethod
     def capture(cls, x: torch.Tensor) -> RngState:
-        dev = (x.device, torch.cuda.get_rng_state(x.device)) if x.device.type == "cuda" else None
-        return cls(torch.get_rng_state(), dev)
+        return cls.now(x.device if x.device.type == "cuda" else None)
+
+    @classmethod
+    def now(cls, cuda: torch.device | None) -> RngState:
+        """The CPU generator's state, and `cuda`'s generator's when given."""
+        return cls(torch.get_rng_state(), (cuda, torch.cuda.get_rng_state(cuda)) if cuda is not None else None)
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
@@ -126,8 +130,7 @@ class _rng:
 
     def __enter__(self):
         if self.state is not None:
-            self.saved = RngState(torch.get_rng_state(), self.state.device and (
-                self.state.device[0], torch.cuda.get_rng_state(self.state.device[0])))  # fmt: skip
+            self.saved = RngState.now(self.state.device[0] if self.state.device else None)
             self.state.restore()
 
     def __exit__(self, *exc):
