@@ -28,28 +28,14 @@ import torch
 from compression import _interleaved_times, seeded_accuracies
 from torch import nn
 
-from edgetrain.memory.measure import StepSpec, tracked_step
+from edgetrain.memory.measure import StepSpec, model_counts, tracked_step
 from edgetrain.memory.predict import estimate
 from edgetrain.methods.base import prepare
 from edgetrain.models import create_model
-from edgetrain.plan.units import _flop_hooks
 from edgetrain.train.recipe import FitConfig, fit
 
 OUT = Path(__file__).parent / "out"
 MiB = 2**20
-
-
-def flops(model: nn.Module, shape: tuple[int, int, int]) -> int:
-    """Forward FLOPs of convs and linears for one sample."""
-    counts: dict[str, int] = {}
-    hooks = _flop_hooks(model, counts)
-    was = model.training
-    with torch.no_grad():
-        model.eval()(torch.randn(1, *shape))
-    model.train(was)
-    for h in hooks:
-        h.remove()
-    return sum(counts.values())
 
 
 def measure(model: nn.Module, methods: list[str], shape, batch: int) -> dict:
@@ -59,7 +45,7 @@ def measure(model: nn.Module, methods: list[str], shape, batch: int) -> dict:
     rep = tracked_step(m, StepSpec(shape, batch, 10, settings=settings), fake=False)
     pred = estimate(model, shape, batch, methods=methods).predicted["peak_total_bytes"]
     return {"model": m, "settings": settings, "params": sum(p.numel() for p in m.parameters()),
-            "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad), "flops": flops(m, shape),
+            "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad), "flops": model_counts(m, shape)["forward_flops"],
             "saved": rep.saved_activation_bytes, "peak": rep.peak_bytes, "est_err": pred / rep.peak_bytes - 1}  # fmt: skip
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from edgetrain.cli.common import Verb, add_json, mib, print_json, table
 from edgetrain.devices.store import get_device, list_devices
+from edgetrain.errors import EdgetrainError, UnknownNameError
 
 
 class Devices(Verb):
@@ -18,7 +20,17 @@ class Devices(Verb):
         add_json(p)
 
     def run(self, args: argparse.Namespace) -> int:
-        profiles = [get_device(n) for n in list_devices(args.pattern)]
+        names = list_devices(args.pattern)
+        if not names:
+            if any(c in args.pattern for c in "*?["):
+                raise EdgetrainError(f"no device profile matches '{args.pattern}': `edgetrain devices` lists them all")
+            raise UnknownNameError("device", args.pattern, list_devices())
+        profiles = []
+        for n in names:  # one malformed file does not hide the others: it is named on stderr
+            try:
+                profiles.append(get_device(n))
+            except EdgetrainError as e:
+                print(f"edgetrain devices: skipped a bad profile: {e}", file=sys.stderr)
         if args.json:
             print_json([{**p.to_dict(), "path": p.path} for p in profiles])
             return 0

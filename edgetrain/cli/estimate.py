@@ -36,6 +36,8 @@ class Estimate(Verb):
         p.add_argument("--device", "-d", help="device profile name (see `edgetrain devices`) or YAML path")
         p.add_argument("--method", action="append", default=[], metavar="SPEC",
                        help="force a method on every eligible layer: name[:key=value,...] (repeatable)")  # fmt: skip
+        p.add_argument("--skip-unused", action="store_true",
+                       help="drop a --method that finds no eligible layer (with a line) instead of refusing")  # fmt: skip
         p.add_argument("--measure", action="store_true", help="also run one real step (fresh process) and report it")
         p.add_argument("--budget", help="with --measure: run under the budget guard (a size like 700MiB, or 'device')")
         p.add_argument("--plot", metavar="PNG", help="write the memory timeline plot")
@@ -47,16 +49,17 @@ class Estimate(Verb):
 
         model = create_model(args.model, args.num_classes)
         shape = (args.channels, args.input_size, args.input_size)
-        est = estimate(
-            model, shape, args.batch_size, args.optimizer, args.device, args.method, args.num_classes, args.model
-        )
+        est = estimate(model, shape, args.batch_size, args.optimizer, args.device, args.method, args.num_classes,
+                       args.model, skip_unused=args.skip_unused)  # fmt: skip
+        for spec in est.skipped:
+            print(f"edgetrain estimate: --method {spec} skipped: no eligible layer in {args.model}", file=sys.stderr)
         if args.measure:
             est.measured = _measure(args, shape, est)
         if args.plot:
             from edgetrain.memory.plot import plot_timeline
 
             title = f"{args.model} b{args.batch_size} {args.input_size}px {'+'.join(est.methods) or 'plain'}"
-            plot_timeline(est.report, args.plot, title, est.budget_bytes)
+            plot_timeline(est.report, args.plot, title, est.budget_bytes, est.predicted["peak_device_bytes"])
         if args.json:
             print_json(est.to_dict())
         else:
@@ -108,6 +111,19 @@ def _print(est) -> None:
     cols = ["category", "predicted MiB"] + (["measured MiB"] if est.measured else [])
     what = f"{est.model} b{est.batch_size} {est.input_shape[1]}px {est.optimizer} {'+'.join(est.methods) or 'plain'}"
     table(f"{what}: peak at {p['peak_phase']} ({p['peak_op']})", cols, rows)
+    print(_counts_line(est.counts, est.plain_counts))
     if est.budget_bytes is not None:
         verdict = "fits" if est.fits else "does NOT fit"
-        print(f"{est.device}: budget {mib(est.budget_bytes)}, {verdict}", file=sys.stdout)
+        print(f"{est.device}: device-level peak {mib(p['peak_device_bytes'])} against a budget of "
+              f"{mib(est.budget_bytes)}: {verdict}")  # fmt: skip
+
+
+def _counts_line(c: dict, plain: dict | None) -> str:
+    """'parameters 5.57 M (plain 11.69 M, 0.48x), trainable 5.57 M; forward 0.282 GFLOP a sample (...)'."""
+
+    def vs(key: str, scale: float, unit: str) -> str:
+        return f" (plain {plain[key] / scale:.3g} {unit}, {c[key] / max(1, plain[key]):.2f}x)" if plain else ""
+
+    return (f"parameters {c['parameters'] / 1e6:.3g} M{vs('parameters', 1e6, 'M')}, trainable "
+            f"{c['trainable_parameters'] / 1e6:.3g} M; forward {c['forward_flops'] / 1e9:.3g} GFLOP a sample"
+            f"{vs('forward_flops', 1e9, 'GFLOP')}")  # fmt: skip

@@ -22,21 +22,23 @@ class Fit(Verb):
     )
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", "-d", default="gtx750-1gb", help="device profile to fit (see `edgetrain devices`)")
-        p.add_argument("--model", "-m", default="cifar_resnet20")
-        p.add_argument("--data", default="digits", help="'digits', an ImageFolder directory, or CIFAR-10 batches")
-        p.add_argument("--epochs", type=int, default=8)
-        p.add_argument("--batch-size", "-b", type=int, default=64)
-        p.add_argument("--input-size", "-s", type=int, default=32)
-        p.add_argument("--lr", type=float, default=None,
-                       help="peak learning rate (default: sgd 0.1 x batch/256, adamw 1e-3)")  # fmt: skip
-        p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument(
-            "--method", action="append", default=[], metavar="SPEC", help="force methods instead of planning"
-        )
-        p.add_argument("--prefer", choices=("speed", "accuracy"), default="speed", help="the planner's objective")
-        p.add_argument("--plan", metavar="YAML", help="use this plan file (e.g. an earlier run's plan.yaml)")
+        # run options default to None here: FitConfig's defaults fill them, a --plan file's record
+        # comes first, and --resume can tell what was asked from what was left out
+        p.add_argument("--device", "-d", help="device profile to fit (see `edgetrain devices`; default gtx750-1gb)")
+        p.add_argument("--model", "-m", help="model name (default cifar_resnet20)")
+        p.add_argument("--data", help="'digits' (default), an ImageFolder directory, or CIFAR-10 batches")
+        p.add_argument("--epochs", type=int, help="default 8")
+        p.add_argument("--batch-size", "-b", type=int, help="default 64")
+        p.add_argument("--input-size", "-s", type=int, help="default 32")
+        p.add_argument("--lr", type=float, help="peak learning rate (default: sgd 0.1 x batch/256, adamw 1e-3)")
+        p.add_argument("--optimizer", choices=("sgd", "adamw"), help="default sgd")
+        p.add_argument("--seed", type=int)
+        p.add_argument("--method", action="append", metavar="SPEC", help="force methods instead of planning")
+        p.add_argument("--skip-unused", action="store_true",
+                       help="drop a --method that finds no eligible layer (with a line) instead of refusing")  # fmt: skip
+        p.add_argument("--prefer", choices=("speed", "accuracy"), help="the planner's objective (default speed)")
+        p.add_argument("--plan", metavar="YAML", help="use this plan file (e.g. an earlier run's plan.yaml); "
+                       "model, batch, input size, optimizer and device come from it")  # fmt: skip
         p.add_argument("--init", metavar="PT", help="start from these weights (an earlier run's model.pt); "
                        "with tucker2/cp they are converted, and the errors reported")  # fmt: skip
         p.add_argument(
@@ -47,25 +49,46 @@ class Fit(Verb):
         add_json(p)
 
     def run(self, args: argparse.Namespace) -> int:
-        from edgetrain.train.recipe import FitConfig, fit
+        from edgetrain.train.recipe import RUN_OPTIONS, FitConfig, fit
 
-        cfg = FitConfig(
-            device=args.device, model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
-            input_size=args.input_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
-            out=args.resume or args.out, methods=args.method, plan=args.plan, init=args.init, prefer=args.prefer, ckpt_every=args.ckpt_every, quiet=args.json,
-        )  # fmt: skip
-        report = fit(cfg, resume=bool(args.resume))
+        asked = {k: getattr(args, "method" if k == "methods" else k) for k in RUN_OPTIONS}
+        asked = {k: v for k, v in asked.items() if v is not None}
+        given = {} if args.resume else {**_from_plan(args.plan), **asked}
+        cfg = FitConfig(**given, out=args.resume or args.out, ckpt_every=args.ckpt_every,
+                        skip_unused=args.skip_unused, quiet=args.json)  # fmt: skip
+        report = fit(cfg, resume=bool(args.resume), asked=asked)
         if args.json:
             print_json(report)
         else:
-            measured = report["measured_peak_bytes"]
-            meas = f"{measured / 2**20:.0f} MiB measured" if measured else "not measured (no step ran)"
-            print(f"{report['model']} on {report['device']} ({report['plan']}): "
-                  f"test accuracy {report['test_accuracy']:.2%}; peak {meas} / {report['predicted_peak_bytes'] / 2**20:.0f} "
-                  f"MiB predicted, budget {report['budget_bytes'] / 2**20:.0f} MiB; run in {cfg.out}")  # fmt: skip
+            print(summary_line(report, cfg.out))
         if not report["learned"]:
             print(f"edgetrain fit: did not learn: test accuracy {report['test_accuracy']:.1%} is near chance "
                   f"({report['chance_accuracy']:.1%}): try more --epochs (now {cfg.epochs}), a lower --lr "
                   f"(now {report['config']['lr']:g}), or check that the class folders of --data hold what their names say",
                   file=sys.stderr)  # fmt: skip
         return 0
+
+
+def _from_plan(path: str | None) -> dict:
+    """What a plan file records it was made for, as fit options (the user's own options win,
+    and the recipe refuses any that differ from the plan's)."""
+    if not path:
+        return {}
+    from edgetrain.plan import Plan
+
+    plan = Plan.load(path)
+    rec = {"model": plan.model, "batch_size": plan.batch_size, "input_size": plan.input_shape[-1],
+           "optimizer": plan.optimizer, "device": plan.device}  # fmt: skip
+    return {k: v for k, v in rec.items() if v is not None and v != "model"}
+
+
+def summary_line(report: dict, out: str) -> str:
+    """The run in one line; the budget is compared with the device-level peak, the tensor level
+    (what the guard measured) is shown as what it is."""
+    mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
+    measured = report["measured_peak_bytes"]
+    tensors = f"{mib(measured)} measured, " if measured else "not measured (no step ran), "
+    return (f"{report['model']} on {report['device']} ({report['plan']}): test accuracy {report['test_accuracy']:.2%}; "
+            f"device-level peak {mib(report['predicted_device_bytes'])} predicted against a budget of "
+            f"{mib(report['budget_bytes'])} (tensors: {tensors}{mib(report['predicted_peak_bytes'])} predicted); "
+            f"run in {out}")  # fmt: skip

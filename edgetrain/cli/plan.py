@@ -69,30 +69,47 @@ def verify(plan, args: argparse.Namespace) -> dict:
     return m
 
 
-def plot_plan(plan, path: str) -> None:
-    """Stacked bars of the predicted peak by category: plain next to the chosen plan, budget line."""
+def plan_figure(plan):
+    """Stacked bars of the predicted tensor peak by category, plain next to the chosen plan, each
+    with its device-level peak marked; the budget is compared with the device level."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edgetrain.memory.plot import COLORS
+    from edgetrain.memory.plot import COLORS, MIB, budget_lines
 
     base = plan.candidates[0]  # the model as given (plain, or with the low-rank methods the user named)
-    bars = {base["plan"]: base["peak_by_category"], "plan: " + plan.summary(): plan.predicted["peak_by_category"]}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, cats in enumerate(bars.values()):
+    bars = [(base["plan"], base["peak_by_category"], base.get("peak_device_bytes")),
+            ("plan: " + plan.summary(), plan.predicted["peak_by_category"], plan.predicted["peak_device_bytes"])]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    top = 0.0
+    for i, (_, cats, device) in enumerate(bars):
         bottom = 0.0
         for cat, v in cats.items():
-            ax.bar(i, v / 2**20, bottom=bottom, color=COLORS[cat], label=cat if i == 0 else None)
-            bottom += v / 2**20
-    if plan.budget_bytes:
-        ax.axhline(plan.budget_bytes / 2**20, color="k", ls="--", lw=1, label="budget")
-    ax.set_xticks(range(len(bars)), [label[:40] for label in bars], fontsize=8)
-    ax.set_ylabel("MiB at the step's peak (tensors)")
+            ax.bar(i, v / MIB, bottom=bottom, width=0.6, color=COLORS[cat], label=cat if i == 0 else None)
+            bottom += v / MIB
+        if device:
+            ax.hlines(device / MIB, i - 0.38, i + 0.38, color="#444444", lw=2, ls=":",
+                      label="device level (allocator model)" if i == 0 else None)  # fmt: skip
+            ax.annotate(f"device level {device / MIB:,.0f} MiB", (i, device / MIB), fontsize=8, ha="center",
+                        va="bottom", xytext=(0, 2), textcoords="offset points")  # fmt: skip
+        top = max(top, bottom, (device or 0) / MIB)
+    chosen = plan.predicted["peak_device_bytes"]
+    ax.set_ylim(0, budget_lines(ax, chosen, plan.budget_bytes, top, draw_device=False))
+    ax.set_xticks(range(len(bars)), [label[:40] for label, _, _ in bars], fontsize=8)
+    ax.set_ylabel("MiB at the step's peak (tensors, by category)")
     ax.set_title(f"{plan.model} b{plan.batch_size} {plan.input_shape[-1]}px on {plan.device}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def plot_plan(plan, path: str) -> None:
+    """`plan_figure` written as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = plan_figure(plan)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -102,7 +119,8 @@ def _print(plan, measured: dict | None, args: argparse.Namespace) -> None:
     for r in plan.candidates:
         peak = mib(r["peak_device_bytes"]) if r.get("peak_device_bytes") else "-"
         over = f"{r['overhead']:.2f}x" if r.get("overhead") else "-"
-        rows.append(["*" if r.get("chosen") else "", r["plan"][:70], peak, over, r.get("risk", "-"), r["fits"]])
+        fits = {True: "yes", False: "no", None: "not checked"}[r["fits"]]
+        rows.append(["*" if r.get("chosen") else "", r["plan"][:70], peak, over, r.get("risk", "-"), fits])
     head = f"{plan.model} b{plan.batch_size} {plan.input_shape[-1]}px {plan.optimizer} on {plan.device}"
     table(f"{head}: budget {mib(plan.budget_bytes)} (prefer {args.prefer})",
           ["", "candidate", "peak (device)", "time", "risk", "fits"], rows)  # fmt: skip
@@ -110,8 +128,17 @@ def _print(plan, measured: dict | None, args: argparse.Namespace) -> None:
           f"step time {plan.overhead:.2f}x plain")  # fmt: skip
     for reason in plan.reasons:
         print(f"  - {reason}")
+    if any(r["fits"] is None for r in plan.candidates):
+        print("  (not checked: costlier candidates modelled to fit; only the chosen one is estimated exactly)")
     if measured:
         print(f"verified: one real step under the guard peaked at {mib(measured['peak_total_bytes'])} of tensors, "
               f"{measured['ratio_to_predicted']:.3f}x the prediction")  # fmt: skip
     if args.out:
-        print(f"plan written to {args.out}: train with `edgetrain fit --device {plan.device} --plan {args.out}`")
+        print(f"plan written to {args.out}: train with `{fit_command(plan, args.out)}`")
+
+
+def fit_command(plan, path: str) -> str:
+    """The complete `fit` command for a plan file (fit also reads these from the file)."""
+    opt = f" --optimizer {plan.optimizer}" if plan.optimizer != "sgd" else ""
+    return (f"edgetrain fit --device {plan.device} --model {plan.model} -b {plan.batch_size} "
+            f"-s {plan.input_shape[-1]}{opt} --plan {path}")  # fmt: skip

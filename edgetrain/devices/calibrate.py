@@ -15,9 +15,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import torch
 
 from edgetrain.devices.detect import Detected, detect
@@ -27,12 +29,27 @@ MiB = 2**20
 SAFETY = 0.9  # fraction of the probed memory a plan may use
 
 
-def probe_usable_bytes(available: int, device: str = "cpu", cap: int | None = None, chunk: int = 256 * MiB) -> int:
-    """Allocate and touch chunks until `available` (or `cap`) is reached or allocation fails."""
-    limit = min(int(available * 0.95), cap or available)
+def probe_usable_bytes(
+    available: int,
+    device: str = "cpu",
+    cap: int | None = None,
+    chunk: int = 256 * MiB,
+    margin: int | None = None,
+    host_available: Callable[[], int] | None = None,
+) -> int:
+    """Allocate and touch chunks until `available` less a safety `margin` (default: a tenth, at
+    least 512 MiB) or `cap` is reached, allocation fails, or, where the probe takes host memory,
+    the host's available memory falls to the margin (another process is allocating): probing to
+    the limit on a board would make the OOM killer take other processes."""
+    margin = max(512 * MiB, available // 10) if margin is None else margin
+    limit = min(available - margin, cap or available)
+    if host_available is None and device == "cpu":
+        host_available = lambda: psutil.virtual_memory().available  # noqa: E731
     held, total = [], 0
     try:
         while total + chunk <= limit:
+            if host_available is not None and host_available() - chunk < margin:
+                break
             t = torch.empty(chunk // 4, dtype=torch.float32, device=device)
             t.fill_(1.0)  # touch the pages: untouched memory is not really had
             held.append(t)
@@ -144,7 +161,8 @@ def profile_device(name: str | None = None, quick: bool = False, detected: Detec
     det = detected or detect()
     dev = "cuda" if det.kind == "cuda" else "cpu"
     cap = 1024 * MiB if quick else None
-    probed = probe_usable_bytes(det.available_bytes, dev, cap=cap)
+    watch = (lambda: psutil.virtual_memory().available) if det.unified or dev == "cpu" else None  # noqa: E731
+    probed = probe_usable_bytes(det.available_bytes, dev, cap=cap, host_available=watch)
     # quick: probe 1 GiB to check that allocation works, trust the OS for the rest
     usable_raw = det.available_bytes if quick and probed >= (cap or 0) else probed
     over = measure_overheads()

@@ -67,3 +67,35 @@ def tracked_step(
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def flop_hooks(model: nn.Module, counts: dict[str, int]) -> list:
+    """Forward hooks that add each conv's and linear's multiply-add FLOPs (x2) to `counts[name]`."""
+
+    def hook(mod, inp, out, name):
+        if isinstance(mod, nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+            counts[name] = counts.get(name, 0) + 2 * out.numel() * k
+        elif isinstance(mod, nn.Linear):
+            counts[name] = counts.get(name, 0) + 2 * out.numel() * mod.in_features
+
+    return [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n))
+            for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]  # fmt: skip
+
+
+def model_counts(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, int]:
+    """Parameters, trainable parameters, and forward FLOPs of convs and linears for one sample
+    (under fake tensors: nothing is computed)."""
+    mode = FakeTensorMode()
+    m = fake_copy(model, mode).eval()
+    counts: dict[str, int] = {}
+    hooks = flop_hooks(m, counts)
+    try:
+        with mode, torch.no_grad():
+            m(torch.empty(1, *input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "forward_flops": sum(counts.values())}  # fmt: skip

@@ -20,9 +20,9 @@ from edgetrain.devices.profile import DeviceProfile
 from edgetrain.devices.store import get_device
 from edgetrain.errors import BudgetError, ConfigError
 from edgetrain.memory.allocator import device_peak_bytes
-from edgetrain.memory.measure import StepSpec, tracked_step
+from edgetrain.memory.measure import StepSpec, model_counts, tracked_step
 from edgetrain.memory.tracker import MemoryReport
-from edgetrain.methods.base import MethodConfig, prepare
+from edgetrain.methods.base import MethodConfig, parse_spec, prepare
 
 
 @dataclass
@@ -38,6 +38,9 @@ class Estimate:
     predicted: dict[str, Any]
     budget_bytes: int | None = None
     measured: dict[str, Any] | None = None
+    skipped: list[str] = field(default_factory=list)  # methods dropped: no eligible layer (skip_unused)
+    counts: dict[str, int] = field(default_factory=dict)  # parameters, trainable, forward FLOPs a sample
+    plain_counts: dict[str, int] | None = None  # the same of the model without the methods
     report: MemoryReport | None = field(default=None, repr=False)
 
     @property
@@ -62,20 +65,28 @@ def estimate(
     methods: list[MethodConfig | str] = (),  # type: ignore[assignment]
     num_classes: int | None = None,
     name: str = "model",
+    skip_unused: bool = False,
 ) -> Estimate:
-    """Predict the peak memory of one steady-state training step of `model` (nothing allocated)."""
+    """Predict the peak memory of one steady-state training step of `model` (nothing allocated).
+    A method that finds no eligible layer is refused (`UnusedMethod`), or dropped with `skip_unused`."""
     profile = get_device(device) if device is not None else None
     _check_args(model, input_shape, batch_size)
+    check_input_size(model, input_shape[-1], name, input_shape[0])
     budget = profile.usable_memory_bytes if profile else None
     if profile is not None:
         _check_budget(model, budget, profile)
-    prepared, configs, settings = prepare(model, list(methods), shapes_only=True)
+    unused = "drop" if skip_unused else "error"
+    prepared, configs, settings = prepare(model, list(methods), shapes_only=True, unused=unused, name=name)
     spec = StepSpec(tuple(input_shape), batch_size, num_classes or _num_classes(model), optimizer, settings)
     report = _fake_step(prepared, spec, name)
     predicted = summarize(report, profile)
+    skipped = [m if isinstance(m, str) else m.name for m in methods
+               if (parse_spec(m) if isinstance(m, str) else m).for_shapes() not in configs]  # fmt: skip
     return Estimate(
         name, tuple(input_shape), batch_size, optimizer, profile.name if profile else None,
-        [c.name for c in configs], predicted, budget, report=report,
+        [c.name for c in configs], predicted, budget, skipped=skipped, report=report,
+        counts=model_counts(prepared, tuple(input_shape)),
+        plain_counts=model_counts(model, tuple(input_shape)) if configs else None,
     )  # fmt: skip
 
 
@@ -113,7 +124,7 @@ def _fake_step(model: nn.Module, spec: StepSpec, name: str) -> MemoryReport:
         if "too small" in str(e) or "size" in str(e).lower() and "output" in str(e).lower():
             s = spec.input_shape[-1]
             raise ConfigError(
-                f"input size {s} is too small for {name}'s downsampling: use -s {_min_size(model, spec)} or more"
+                f"input size {s} is too small for {name}'s downsampling: use -s {min_input_size(model)[0]} or more"
             ) from None
         raise
     except ValueError as e:
@@ -136,21 +147,51 @@ def _quiet_fake_tensor_log():
         log.setLevel(level)
 
 
-def _min_size(model: nn.Module, spec: StepSpec) -> int:
+_SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)  # not adaptive pooling: its output side is fixed
+_MIN_SIZES: dict[tuple, tuple[int, int]] = {}
+
+
+def min_input_size(model: nn.Module, channels: int = 3, probe: int = 224) -> tuple[int, int]:
+    """(smallest input side the model can learn from, its downsampling factor): the factor is the
+    probe side over the smallest feature map a fake forward pass makes; below 8 px an image holds
+    too little whatever the model. Cached by the spatial layers' geometry (the planner asks often)."""
+    key = (channels, probe, *((type(m).__name__, str(getattr(m, "stride", "")), str(getattr(m, "kernel_size", "")),
+                               str(getattr(m, "padding", ""))) for m in model.modules() if isinstance(m, _SPATIAL)))  # fmt: skip
+    if key not in _MIN_SIZES:
+        _MIN_SIZES[key] = _probe_min_size(model, channels, probe)
+    return _MIN_SIZES[key]
+
+
+def _probe_min_size(model: nn.Module, channels: int, probe: int) -> tuple[int, int]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from edgetrain.memory.measure import fake_copy
 
     mode = FakeTensorMode()
     m = fake_copy(model, mode).eval()
-    for s in (2**k for k in range(3, 12)):
-        try:
-            with _quiet_fake_tensor_log(), mode, torch.no_grad():
-                m(torch.empty(1, spec.input_shape[0], s, s))
-            return s
-        except RuntimeError:
-            continue
-    return 2048
+    sides: list[int] = []
+    hook = lambda mod, inp, out: sides.append(min(out.shape[-2:]))  # noqa: E731
+    handles = [mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, _SPATIAL)]
+    try:
+        with _quiet_fake_tensor_log(), mode, torch.no_grad():
+            m(torch.empty(1, channels, probe, probe))
+    except RuntimeError:
+        return 8, 1
+    finally:
+        for h in handles:
+            h.remove()
+    factor = probe // max(1, min(sides, default=probe))
+    return max(8, factor), factor
+
+
+def check_input_size(model: nn.Module, size: int, name: str, channels: int = 3) -> None:
+    """Refuse an input side below what the model can learn from (`min_input_size`), in one line."""
+    smallest, factor = min_input_size(model, channels)
+    if size < smallest:
+        why = (
+            f"for {name}'s downsampling ({factor}x)" if factor >= smallest else "(below 8 px an image holds too little)"
+        )
+        raise ConfigError(f"input size {size} is too small {why}: use -s {smallest} or more")
 
 
 def _check_args(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> None:

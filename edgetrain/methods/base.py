@@ -56,6 +56,24 @@ class MethodHandler:
     def step_settings(self, settings: StepSettings, config: MethodConfig) -> StepSettings:
         return settings
 
+    @property
+    def per_module(self) -> bool:
+        """Whether the method acts on eligible modules (and so can find none to act on)."""
+        return type(self).eligible is not MethodHandler.eligible
+
+
+class UnusedMethod(ConfigError):
+    """A method asked for by name found no eligible layer: it would change nothing."""
+
+    def __init__(self, spec: str, model: str = "this model"):
+        self.spec, self.model = spec, model
+        what = parse_spec(spec).help
+        super().__init__(f"--method {spec} changes nothing in {model}: no layer is eligible ({what}); drop it, "
+                         "or add --skip-unused to go on without it")  # fmt: skip
+
+    def skipped_line(self) -> str:
+        return f"--method {self.spec} skipped: no eligible layer in {self.model}"
+
 
 METHODS: Registry[MethodHandler] = Registry("method")
 _BY_TYPE: dict[type[MethodConfig], MethodHandler] = {}
@@ -108,13 +126,22 @@ def structural_specs(specs: list[str]) -> list[str]:
 
 
 def describe_methods() -> list[dict[str, Any]]:
-    """Name, help, risk and options (with defaults) of every registered method."""
+    """Name, help, risk (at the default options: some methods' risk depends on them) and options
+    (with defaults) of every registered method."""
     out = []
     for name in list_methods():
         cls = METHODS.get(name).config_type
         opts = {f.name: f.default for f in dataclasses.fields(cls)}
-        out.append({"name": name, "help": cls.help, "risk": cls.risk, "options": opts})
+        out.append({"name": name, "help": cls.help, "risk": int(cls().risk), "options": opts})
     return out
+
+
+def unused_methods(model: nn.Module, specs: list[str]) -> list[str]:
+    """The specs that would change nothing in `model` (applied in order to a copy, shapes only)."""
+    if not specs:
+        return []
+    _, kept, _ = prepare(model, specs, shapes_only=True, unused="drop")
+    return [s for s in specs if parse_spec(s).for_shapes() not in kept]
 
 
 def apply_method_(model: nn.Module, config: MethodConfig, layers: str = "*") -> list[str]:
@@ -138,18 +165,30 @@ def apply_method_(model: nn.Module, config: MethodConfig, layers: str = "*") -> 
 
 
 def prepare(
-    model: nn.Module, methods: list[MethodConfig | str], inplace: bool = False, shapes_only: bool = False
+    model: nn.Module,
+    methods: list[MethodConfig | str],
+    inplace: bool = False,
+    shapes_only: bool = False,
+    unused: str = "keep",
+    name: str = "this model",
 ) -> tuple[nn.Module, list[MethodConfig], StepSettings]:
     """Apply `methods` (configs or specs) to a copy of `model`, or to `model` itself when
-    `inplace`; returns the model, the parsed configs and the step settings they imply.
-    `shapes_only`: the weights' values will not be used (see `MethodConfig.for_shapes`)."""
+    `inplace`; returns the model, the configs applied and the step settings they imply.
+    `shapes_only`: the weights' values will not be used (see `MethodConfig.for_shapes`).
+    `unused`: a per-module method that finds no eligible layer is kept (in the configs),
+    refused ("error": `UnusedMethod`) or dropped ("drop")."""
     configs = [parse_spec(m) if isinstance(m, str) else m for m in methods]
     configs = [c.for_shapes() for c in configs] if shapes_only else configs
     if configs and not inplace:
         model = copy.deepcopy(model)
-    for c in configs:
-        apply_method_(model, c)
-    return model, configs, step_settings_for(configs)
+    kept = []
+    for given, c in zip(methods, configs, strict=True):
+        if not apply_method_(model, c) and handler_for(c).per_module and unused != "keep":
+            if unused == "error":
+                raise UnusedMethod(given if isinstance(given, str) else c.name, name)
+            continue
+        kept.append(c)
+    return model, kept, step_settings_for(kept)
 
 
 def step_settings_for(configs: list[MethodConfig], settings: StepSettings | None = None) -> StepSettings:

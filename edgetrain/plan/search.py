@@ -270,9 +270,9 @@ def _search(model, input_shape, batch_size, profile, optimizer, prefer, name, nu
         cand, est, factor = verified
         rows.append({**_row(cand, est, factor, True), "chosen": True})
         for _, g2, (ch2, _, f2) in found[i + 1 :]:  # costlier step-wide settings, as modelled, for the table
-            p2 = planner.to_plan(g2, ch2)
+            p2 = planner.to_plan(g2, ch2)  # not estimated: "fits" is None (modelled to fit, not checked)
             rows.append(
-                {"plan": p2.summary(), "peak_device_bytes": None, "overhead": f2, "risk": _plan_risk(p2), "fits": True}
+                {"plan": p2.summary(), "peak_device_bytes": None, "overhead": f2, "risk": _plan_risk(p2), "fits": None}
             )
         return _finish(doc, cand, est, factor, rows, _reasons(planner, g, cand, est, budget, base))
     raise _not_fit(planner, model, input_shape, batch_size, optimizer, profile, num_classes, name, budget)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from edgetrain.devices.profile import DeviceProfile
-from edgetrain.memory.measure import StepSpec, tracked_step
+from edgetrain.memory.measure import StepSpec, flop_hooks, tracked_step
 from edgetrain.memory.predict import _quiet_fake_tensor_log
 from edgetrain.memory.tracker import MemoryTracker
 from edgetrain.methods.base import handler_for, parse_spec
@@ -69,18 +69,6 @@ def find_units(model: nn.Module) -> list[Unit]:
     return units
 
 
-def _flop_hooks(model: nn.Module, counts: dict[str, int]) -> list:
-    def hook(mod, inp, out, name):
-        if isinstance(mod, nn.Conv2d):
-            k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
-            counts[name] = counts.get(name, 0) + 2 * out.numel() * k
-        elif isinstance(mod, nn.Linear):
-            counts[name] = counts.get(name, 0) + 2 * out.numel() * mod.in_features
-
-    return [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n))
-            for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]  # fmt: skip
-
-
 def _range_hooks(model: nn.Module, units: list[Unit], ranges: dict[str, list[int]]) -> list:
     """Record, for each unit, the tracker record ids made during its (first, forward) call."""
 
@@ -112,7 +100,7 @@ def unit_table(model: nn.Module, spec: StepSpec, units: list[Unit] | None = None
         layers = {u.name: option for u in units if option != "plain" and option in u.options()}
         apply_plan_(m, Plan(layers=layers))
         ranges: dict[str, list[int]] = {}
-        hooks = _range_hooks(m, units, ranges) + (_flop_hooks(m, flops) if option == "plain" else [])
+        hooks = _range_hooks(m, units, ranges) + (flop_hooks(m, flops) if option == "plain" else [])
         try:
             with _quiet_fake_tensor_log():
                 rep = tracked_step(m, dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, micro_batches=1)), fake=True, warmup=False)  # fmt: skip

@@ -70,15 +70,33 @@ def digits_arrays(shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, d.target.astype(np.int64)
 
 
-def image_folder_arrays(path: Path, size: int) -> tuple[np.ndarray, np.ndarray, list[str], int]:
+def digits_shift(spec: str) -> int:
+    """The shift of a digits spec: 'digits' -> 0, 'digits:shift=K' -> K (0 <= K < 8); anything
+    else after 'digits:' is refused, not ignored."""
+    _, _, opt = spec.partition(":")
+    if not opt:
+        return 0
+    key, eq, value = opt.partition("=")
+    if key != "shift" or not eq:
+        raise ConfigError(f"data {spec}: digits takes one option, shift=K (pixels, 0-7), e.g. digits:shift=2")
+    try:
+        shift = int(value)
+    except ValueError:
+        raise ConfigError(f"data {spec}: shift must be a whole number of pixels (0-7), got {value!r}") from None
+    if not 0 <= shift < 8:
+        raise ConfigError(f"data {spec}: shift must be 0-7 pixels (the digits are 8x8), got {shift}")
+    return shift
+
+
+def image_folder_arrays(path: Path, size: int) -> tuple[np.ndarray, np.ndarray, list[str], list[Path]]:
     """root/<class>/*.png|jpg... decoded with PIL, resized to size x size: (N, 3, size, size) in [0, 1],
-    labels, class names, and how many files could not be read."""
+    labels, class names, and the files that could not be read."""
     from PIL import Image
 
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise ConfigError(f"data {path}: no class sub-directories (expected {path}/<class>/<image files>)")
-    xs, ys, bad, total = [], [], 0, 0
+    xs, ys, bad, total = [], [], [], 0
     for label, c in enumerate(classes):
         for f in sorted((path / c).iterdir()):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
@@ -88,7 +106,7 @@ def image_folder_arrays(path: Path, size: int) -> tuple[np.ndarray, np.ndarray, 
                 with Image.open(f) as im:
                     arr = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / 255
             except (OSError, ValueError):
-                bad += 1
+                bad.append(f)
                 continue
             xs.append(arr.transpose(2, 0, 1))
             ys.append(label)

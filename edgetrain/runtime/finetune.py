@@ -31,10 +31,8 @@ class FinetuneConfig:
 
 def load_split(spec: str, size: int, classes: list[str], seed: int) -> tuple[np.ndarray, ...]:
     """(x_train, y_train, x_test, y_test) preprocessed as the export's manifest says."""
-    name, _, opt = spec.partition(":")
-    if name == "digits":
-        shift = int(opt.split("=", 1)[1]) if opt.startswith("shift=") else 0
-        x, y = rdata.digits_arrays(shift)
+    if spec.partition(":")[0] == "digits":
+        x, y = rdata.digits_arrays(rdata.digits_shift(spec))
         have = [str(i) for i in range(10)]
     else:
         path = Path(spec)

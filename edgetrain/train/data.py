@@ -4,7 +4,7 @@ directory, or CIFAR-10 from a local copy of its python batches. Nothing is downl
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ class Data:
     test: TensorDataset
     classes: list[str]
     input_shape: tuple[int, int, int]
+    skipped: list[Path] = field(default_factory=list)  # image files that could not be read
 
     def loaders(self, batch_size: int, seed: int, device_kind: str = "cpu") -> tuple[DataLoader, DataLoader]:
         g = torch.Generator().manual_seed(seed)
@@ -99,18 +100,17 @@ def cifar10(path: Path, size: int) -> Data:
 
 def image_folder(path: Path, size: int, seed: int, max_bad_fraction: float = 0.1) -> Data:
     """root/class_x/*.png|jpg...: decoded once (the runtime's decoder), resized; unreadable files are
-    skipped and counted."""
+    skipped, and listed in `data.skipped`."""
     x, y, classes, bad = image_folder_arrays(path, size)
-    total = len(y) + bad
-    if bad > max_bad_fraction * total:
+    total = len(y) + len(bad)
+    if len(bad) > max_bad_fraction * total:
         raise ConfigError(
-            f"data {path}: {bad} of {total} images are unreadable (over {max_bad_fraction:.0%}): fix or remove them"
+            f"data {path}: {len(bad)} of {total} images are unreadable (over {max_bad_fraction:.0%}), e.g. "
+            f"{', '.join(str(b) for b in bad[:3])}: fix or remove them"
         )
     x, y = _to_input(torch.from_numpy(x), size), torch.from_numpy(y)
     tr, te = _split(y.numpy(), 0.2, seed)
-    data = Data(TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te]), classes, (3, size, size))
-    data.skipped = bad  # type: ignore[attr-defined]
-    return data
+    return Data(TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te]), classes, (3, size, size), bad)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = False) -> torch.Tensor:

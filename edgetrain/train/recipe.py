@@ -27,7 +27,8 @@ import torch
 from edgetrain.devices.store import get_device
 from edgetrain.errors import ConfigError, EdgeOOMError, EdgetrainError
 from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
-from edgetrain.methods.base import structural_specs
+from edgetrain.memory.predict import check_input_size
+from edgetrain.methods.base import UnusedMethod, structural_specs, unused_methods
 from edgetrain.methods.lowrank import conversion_report, resize_to_
 from edgetrain.models import create_model
 from edgetrain.plan import Plan, apply_plan_, plan_for
@@ -60,6 +61,7 @@ class FitConfig:
     prefer: str = "speed"  # the planner's objective: speed or accuracy
     ckpt_every: int = 20  # steps between checkpoints (and at every epoch end)
     max_steps: int = 0  # stop after this many steps (0: all epochs); for tests and smoke runs
+    skip_unused: bool = False  # a forced method with no eligible layer is dropped (with a line), not refused
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -85,13 +87,14 @@ class Diverged(EdgetrainError):
 class Recipe:
     """One training run. `run()` = setup, train, cleanup; state lives in the run directory."""
 
-    def __init__(self, cfg: FitConfig, resume: bool = False):
+    def __init__(self, cfg: FitConfig, resume: bool = False, asked: dict[str, Any] | None = None):
+        """`asked`: the options the user gave with `resume` (they must match the run's)."""
         if not cfg.out:
             base, k = time.strftime("runs/%Y%m%d-%H%M%S"), 2
             cfg.out = base
             while Path(cfg.out).exists():
                 cfg.out, k = f"{base}-{k}", k + 1
-        self.cfg, self.resume = cfg, resume
+        self.cfg, self.resume, self.asked = cfg, resume, asked or {}
         self.out = Path(cfg.out)
         self.stop_signal: int | None = None
 
@@ -100,16 +103,16 @@ class Recipe:
         cfg = self.cfg
         self.profile = get_device(cfg.device)
         state = ckpt.load(self.out / "checkpoint.pt") if self.resume else None
-        if state is None and self.out.joinpath("checkpoint.pt").exists():
-            raise ConfigError(f"{self.out} already holds a run: use --resume {self.out} or another --out")
-        if state is not None:
+        if state is None:
+            _check_new_run_dir(self.out)
+            _check_plan_file(cfg)
+        else:
+            _check_resume_asks(state["config"], self.asked, self.out)
             self.cfg = cfg = FitConfig(
                 **{**state["config"], "out": cfg.out, "quiet": cfg.quiet, "max_steps": cfg.max_steps}
             )
         _seed_everything(cfg.seed)
         self.data = load_data(cfg.data, cfg.input_size, cfg.seed)
-        if getattr(self.data, "skipped", 0):
-            print(f"edgetrain fit: skipped {self.data.skipped} unreadable image files in {cfg.data}", file=sys.stderr)
         self.dev = torch.device("cuda" if self.profile.kind != "cpu" and torch.cuda.is_available() else "cpu")
         self.train_loader, self.test_loader = self.data.loaders(cfg.batch_size, cfg.seed, self.profile.kind)
         self._build_model(state)
@@ -129,11 +132,26 @@ class Recipe:
         if not self.resume:
             _point_last_at(self.out)
             self.save_checkpoint()  # step 0: a divergence in the first steps has somewhere to go back to
+            self.plan.save(self.out / "plan.yaml")  # after the checkpoint: the directory is a run now
+        self._name_skipped()
+
+    def _name_skipped(self) -> None:
+        """Unreadable images: the first few named on stderr, all of them in skipped_images.txt."""
+        bad = self.data.skipped
+        if not bad:
+            return
+        listing = self.out / "skipped_images.txt"
+        listing.write_text("".join(f"{b}\n" for b in bad))
+        print(f"edgetrain fit: skipped {len(bad)} unreadable image files in {self.cfg.data}: "
+              f"{', '.join(b.name for b in bad[:3])}{', ...' if len(bad) > 3 else ''} (all listed in {listing})",
+              file=sys.stderr)  # fmt: skip
 
     def _build_model(self, state: dict[str, Any] | None) -> None:
         """The model with its plan applied, on the device; a low-rank conversion is reported."""
         cfg = self.cfg
         self.model = create_model(cfg.model, len(self.data.classes), None if state else cfg.init)
+        if state is None:
+            check_input_size(self.model, cfg.input_size, cfg.model)
         self.plan = _state_plan(state, cfg.model) if state else self._plan(cfg.methods)
         dense = copy.deepcopy(self.model) if state is None and structural_specs(self.plan.methods) else None
         self._apply(self.plan)
@@ -150,14 +168,24 @@ class Recipe:
         cfg = self.cfg
         if cfg.plan and budget_bytes is None:
             return Plan.load(cfg.plan)
+        forced = self._usable(forced) if budget_bytes is None else forced
         low = structural_specs(forced)
         if len(low) < len(forced):
-            return Plan(methods=list(forced), model=cfg.model)
+            return Plan(methods=list(forced), model=cfg.model, input_shape=list(self.data.input_shape),
+                        batch_size=cfg.batch_size, optimizer=cfg.optimizer, device=self.profile.name)  # fmt: skip
         chosen = plan_for(self.model, self.data.input_shape, cfg.batch_size, self.profile, cfg.optimizer,
                           cfg.prefer, cfg.model, len(self.data.classes), budget_bytes, methods=low)  # fmt: skip
-        self.out.mkdir(parents=True, exist_ok=True)
-        chosen.save(self.out / "plan.yaml")
         return chosen
+
+    def _usable(self, forced: list[str]) -> list[str]:
+        """The forced methods that change something in this model; one that finds no eligible
+        layer is refused, or dropped with a line when `skip_unused`."""
+        unused = [UnusedMethod(s, self.cfg.model) for s in unused_methods(self.model, forced)]
+        if unused and not self.cfg.skip_unused:
+            raise unused[0]
+        for err in unused:
+            print(f"edgetrain fit: {err.skipped_line()}", file=sys.stderr)
+        return [s for s in forced if s not in {e.spec for e in unused}]
 
     def _apply(self, plan: Plan) -> None:
         self.settings = apply_plan_(self.model, plan)
@@ -281,6 +309,7 @@ class Recipe:
             raise err
         self.plan = new
         self._apply(new)
+        new.save(self.out / "plan.yaml")
         print(f"edgetrain fit: out of memory ({err}); re-planned for {tighter / 2**20:.0f} MiB: "
               f"{old.summary()} -> {new.summary()}", flush=True)  # fmt: skip
 
@@ -302,6 +331,7 @@ class Recipe:
             "epoch_gen_state": self.epoch_gen_state, "aug_gen_state": self.aug_gen.get_state(),
             "rng": (torch.get_rng_state(), np.random.get_state(), random.getstate()),
             "classes": self.data.classes, "input_shape": self.data.input_shape, "recoveries": self.recoveries,
+            "measured_peak": self.measured_peak, "step_times": self.step_times,
         }  # fmt: skip
         return ckpt.save(state, self.out / "checkpoint.pt")
 
@@ -317,6 +347,7 @@ class Recipe:
         self.epoch, self.step_in_epoch, self.step = state["epoch"], state["step_in_epoch"], state["step"]
         self.history, self.epoch_gen_state = state["history"], state["epoch_gen_state"]
         self.recoveries = state.get("recoveries", 0)
+        self.measured_peak, self.step_times = state.get("measured_peak"), state.get("step_times", [])
         self.aug_gen.set_state(state["aug_gen_state"])
         torch.set_rng_state(state["rng"][0])
         np.random.set_state(state["rng"][1])
@@ -348,9 +379,61 @@ class Recipe:
         return write_report(self, ev)
 
 
-def fit(cfg: FitConfig | None = None, resume: bool = False, **kwargs: Any) -> dict[str, Any]:
-    """Plan, apply and train; returns the report (also written to `<out>/report.json`)."""
-    return Recipe(cfg or FitConfig(**kwargs), resume=resume).run()
+def fit(
+    cfg: FitConfig | None = None, resume: bool = False, asked: dict[str, Any] | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """Plan, apply and train; returns the report (also written to `<out>/report.json`). With
+    `resume`, `asked` holds options the caller gave: each must match the run's own."""
+    return Recipe(cfg or FitConfig(**kwargs), resume=resume, asked=asked).run()
+
+
+RUN_OPTIONS = ("device", "model", "data", "epochs", "batch_size", "input_size", "lr", "optimizer", "seed",
+               "methods", "plan", "init", "prefer")  # fmt: skip
+# what a plan must match (its device may differ: a plan made for a smaller budget is reused elsewhere)
+PLAN_RECORDS = {"model": "model", "batch_size": "batch_size", "input_size": "input_shape", "optimizer": "optimizer"}
+
+
+def _check_resume_asks(saved: dict[str, Any], asked: dict[str, Any], out: Path) -> None:
+    """`--resume` continues a run as it was started: an option that would change it is refused."""
+    for key, value in asked.items():
+        if key in RUN_OPTIONS and value is not None and value != saved.get(key) and value != []:
+            flag = "--" + ("method" if key == "methods" else key.replace("_", "-"))
+            raise ConfigError(
+                f"--resume continues {out} as it was started ({flag} {_shown(saved.get(key))}); it cannot change "
+                f"{flag} to {_shown(value)}: drop {flag}, or train further in a new run with --init {out}/model.pt"
+            )
+
+
+def _shown(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def _check_new_run_dir(out: Path) -> None:
+    """A new run goes into a new or empty directory; one holding a run is resumed, not overwritten,
+    and one holding other files (the user's own plan.yaml, report.json) is left alone."""
+    if out.joinpath("checkpoint.pt").exists():
+        raise ConfigError(f"{out} already holds a run: use --resume {out} or another --out")
+    if out.is_dir() and (files := sorted(p.name for p in out.iterdir())):
+        raise ConfigError(f"--out {out} is not empty ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) "
+                          "and holds no run: give a new or empty directory")  # fmt: skip
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a directory")
+
+
+def _check_plan_file(cfg: FitConfig) -> None:
+    """A plan is made for one model, batch, input size and optimizer: refuse another."""
+    if not cfg.plan:
+        return
+    plan = Plan.load(cfg.plan)
+    for key, field_ in PLAN_RECORDS.items():
+        recorded = getattr(plan, field_)
+        recorded = recorded[-1] if field_ == "input_shape" else recorded
+        if recorded is not None and recorded != getattr(cfg, key):
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"plan {cfg.plan} was made for {flag} {recorded}, this run has {getattr(cfg, key)}: train with "
+                f"the plan's ({flag} {recorded}), or make a plan for this run with `edgetrain plan`"
+            )
 
 
 def default_lr(optimizer: str, batch_size: int) -> float:

@@ -32,7 +32,7 @@ def write_report(recipe, ev: Evaluation) -> dict[str, Any]:
         "predicted_peak_bytes": est.predicted["peak_total_bytes"], "predicted_device_bytes": est.predicted["peak_device_bytes"],
         "measured_peak_bytes": recipe.measured_peak, "budget_bytes": est.budget_bytes,
         "median_step_seconds": median_step_time(recipe.step_times), "config": vars(cfg),
-        "skipped_images": getattr(recipe.data, "skipped", 0),
+        "skipped_images": len(recipe.data.skipped),  # the files: skipped_images.txt
         "parameters": sum(p.numel() for p in recipe.model.parameters()),
         "trainable_parameters": sum(p.numel() for p in recipe.model.parameters() if p.requires_grad),
         "lowrank": recipe.conversion,
@@ -41,9 +41,8 @@ def write_report(recipe, ev: Evaluation) -> dict[str, Any]:
     _write_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
     plot_confusion(ev, recipe.data.classes, out / "confusion.png", f"{cfg.model} on {cfg.data}: test confusion")
     plot_curves(recipe.history, out / "curves.png", f"{cfg.model} on {cfg.data} ({recipe.plan.summary()})")
-    plot_timeline(
-        est.report, out / "memory.png", f"{cfg.model} b{cfg.batch_size} on {recipe.profile.name}", est.budget_bytes
-    )
+    plot_timeline(est.report, out / "memory.png", f"{cfg.model} b{cfg.batch_size} on {recipe.profile.name}",
+                  est.budget_bytes, est.predicted["peak_device_bytes"])  # fmt: skip
     return report
 
 
@@ -63,9 +62,10 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     ax2 = ax.twinx()
     ax2.plot([h["step"] for h in evals], [h["test_accuracy"] for h in evals], "o-", color="C1", label="test accuracy")
     ax2.set_ylabel("test accuracy")
-    ax2.set_ylim(0, 1)
+    ax2.set_ylim(0, 1.05)
     ax.set_title(title)
-    fig.legend(loc="upper center", ncol=2, fontsize=8)
+    lines = ax.get_lines() + ax2.get_lines()  # one legend for both axes, inside, clear of the title
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

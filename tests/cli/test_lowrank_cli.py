@@ -37,7 +37,8 @@ def test_plan_with_a_low_rank_method(cli_json, tmp_path):
                    "--out", str(tmp_path / "p.yaml"))  # fmt: skip
     assert doc["methods"][0] == "tucker2" and doc["risk"] >= 5
     assert doc["candidates"][0]["plan"] == "tucker2" and "tucker2 alone" in doc["reasons"][0]
-    r = fit(FitConfig(device="cpu", plan=str(tmp_path / "p.yaml"), out=str(tmp_path / "run"), max_steps=1, **SMALL))
+    small = {**SMALL, "batch_size": 8, "input_size": 32}  # what the plan was made for
+    r = fit(FitConfig(device="cpu", plan=str(tmp_path / "p.yaml"), out=str(tmp_path / "run"), max_steps=1, **small))
     assert r["methods"][0] == "tucker2"
 
 

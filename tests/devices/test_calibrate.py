@@ -23,6 +23,15 @@ def test_probe_never_exceeds_available():
     assert probe_usable_bytes(available=300 * MiB, chunk=128 * MiB) <= 300 * MiB * 0.95
 
 
+def test_probe_leaves_a_margin_and_stops_when_the_host_runs_low():
+    """Probing to the limit on a board makes the OOM killer take other processes."""
+    got = probe_usable_bytes(available=1024 * MiB, chunk=64 * MiB, margin=512 * MiB, host_available=lambda: 2**40)
+    assert got == 512 * MiB  # the margin is never probed
+    free = iter([2048 * MiB, 1024 * MiB, 560 * MiB] + [0] * 100)  # another process takes memory meanwhile
+    got = probe_usable_bytes(available=2048 * MiB, chunk=64 * MiB, margin=512 * MiB, host_available=lambda: next(free))
+    assert got == 2 * 64 * MiB  # stopped before the third chunk would leave less than the margin
+
+
 def test_throughput_probes_are_positive():
     assert matmul_gflops(n=256, repeat=3) > 0.1
     assert bandwidth_gbs(nbytes=16 * MiB, repeat=3) > 0.1

@@ -10,13 +10,12 @@ import torch
 from torch import nn
 
 from edgetrain.errors import ConfigError
-from edgetrain.memory.measure import StepSpec, tracked_step
+from edgetrain.memory.measure import StepSpec, flop_hooks, tracked_step
 from edgetrain.memory.predict import estimate
 from edgetrain.methods import factorize as fz
 from edgetrain.methods import lowrank as lr
 from edgetrain.methods.base import apply_method_, parse_spec, prepare, set_exportable
 from edgetrain.plan import Plan, apply_plan_
-from edgetrain.plan.units import _flop_hooks
 from edgetrain.train.step import make_optimizer, train_step
 
 VARIANTS = {
@@ -106,7 +105,7 @@ def test_flop_ratio_is_met(spec):
     counts_before, counts_after = {}, {}
     new = prepare(model, [spec])[0]
     for m, counts in ((model, counts_before), (new, counts_after)):
-        hs = _flop_hooks(m[:2], counts)
+        hs = flop_hooks(m[:2], counts)
         m[:2](torch.randn(1, 64, 16, 16))
         for h in hs:
             h.remove()

@@ -223,7 +223,8 @@ def test_plan_file_round_trip_and_bad_plan(tmp_path, cli):
     )
     plan = out / "plan.yaml"
     assert "checkpoint" in plan.read_text() and "version: 2" in plan.read_text()
-    r = fit(FitConfig(device="cpu", plan=str(plan), out=str(tmp_path / "b"), epochs=1, max_steps=1, **SMALL))
+    made_for = dict(SMALL, input_size=32, batch_size=64)  # a plan is refused for another batch or size
+    r = fit(FitConfig(device="cpu", plan=str(plan), out=str(tmp_path / "b"), epochs=1, max_steps=1, **made_for))
     assert r["methods"] == ["checkpoint"]
     plan.write_text("version: 2\nmethods: [compres]\n")
     code, _, err = cli("fit", "--device", "cpu", "--plan", str(plan), "--out", str(tmp_path / "c"), "--json")
