@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from edgetrain.memory.measure import StepSpec, tracked_step
-from edgetrain.memory.predict import estimate
+from edgetrain.core.step import StepSpec, make_optimizer, train_step
+from edgetrain.memory.measure import tracked_step
 from edgetrain.memory.tracker import ACTIVATION_MEMORY
 from edgetrain.methods.base import prepare
 from edgetrain.models import create_model
 from edgetrain.models.revnet import RevNet
+from edgetrain.planning.estimate import estimate
 from edgetrain.train.recipe import FitConfig, fit
-from edgetrain.train.step import make_optimizer, train_step
 
 OUT = Path(__file__).parent / "out"
 MiB = 2**20

@@ -28,10 +28,11 @@ import torch
 from compression import _interleaved_times, seeded_accuracies
 from torch import nn
 
-from edgetrain.memory.measure import StepSpec, model_counts, tracked_step
-from edgetrain.memory.predict import estimate
+from edgetrain.core.step import StepSpec
+from edgetrain.memory.measure import model_counts, tracked_step
 from edgetrain.methods.base import prepare
 from edgetrain.models import create_model
+from edgetrain.planning.estimate import estimate
 from edgetrain.train.recipe import FitConfig, fit
 
 OUT = Path(__file__).parent / "out"
@@ -69,8 +70,8 @@ def refusion_table(quick: bool) -> list[dict]:
         model = create_model(name)
         shape, batch = (3, 64, 64), 8
         configs = [("original", []), ("cp unfused", ["cp:init=random"]),
-                   ("cp re-fused (depthwise recomputed)", ["cp-refused:init=random"]),
-                   ("cp re-fused (all recomputed)", ["cp-refused:init=random,recompute=all"])]  # fmt: skip
+                   ("cp re-fused (depthwise recomputed)", ["cp:refuse=true,init=random"]),
+                   ("cp re-fused (all recomputed)", ["cp:refuse=true,init=random,recompute=all"])]  # fmt: skip
         res = [measure(model, methods, shape, batch) for _, methods in configs]
         secs = _interleaved_times([(r["model"], StepSpec(shape, batch, 10)) for r in res], 3 if quick else 9)
         inter = [r["saved"] - res[0]["saved"] for r in res]  # the CP chains' own saved tensors

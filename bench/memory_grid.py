@@ -14,7 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
-from edgetrain.memory.validate import compare_case
+from edgetrain.train.validate import compare_case
 
 GRID = {"models": ["resnet18", "mobilenet_v2", "vgg11_bn"], "batches": [16, 32, 64], "sizes": [64, 128]}
 QUICK = {"models": ["cifar_resnet20", "resnet18"], "batches": [8, 32], "sizes": [32, 64]}

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
+from edgetrain.core.step import StepSpec, make_optimizer, train_step
 from edgetrain.devices.store import get_device
 from edgetrain.errors import BudgetError
 from edgetrain.memory.guard import tensor_budget
-from edgetrain.memory.measure import StepSpec, tracked_step
-from edgetrain.memory.predict import estimate
+from edgetrain.memory.measure import tracked_step
 from edgetrain.methods.base import prepare
 from edgetrain.models import create_model
-from edgetrain.plan import apply_plan_, plan_for
-from edgetrain.train.step import make_optimizer, train_step
+from edgetrain.planning import apply_plan_, plan_for
+from edgetrain.planning.estimate import estimate
 
 OUT = Path(__file__).parent / "out"
 MiB = 2**20
@@ -98,7 +98,7 @@ def measured(rows: list[dict], cases: set[str]) -> list[dict]:
         key = f"{r['model']}:{r['device']}:{r['batch']}"
         if key not in cases or r["plan"] is None:
             continue
-        from edgetrain.plan import Plan
+        from edgetrain.planning import Plan
 
         model, b = create_model(r["model"]), r["batch"]
         plan = Plan.from_dict(r["plan"])

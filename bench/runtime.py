@@ -102,7 +102,7 @@ def parity_table(steps: int = 10) -> list[dict]:
 _RUNTIME_STEP = """
 import json, sys, numpy as np
 from edgetrain.runtime.trainer import OrtTrainer
-from edgetrain.memory.probe import peak_rss_bytes
+from edgetrain.memory.process import peak_rss_bytes
 t = OrtTrainer(sys.argv[1]); t.set_lr(0.05)
 x, y = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32), np.arange(64) % 10
 for _ in range(3): t.train_step(x, y)
@@ -111,7 +111,7 @@ print(json.dumps({"peak": peak_rss_bytes(), "torch": "torch" in sys.modules}))
 _TORCH_STEP = """
 import json, torch
 from edgetrain.models import create_model
-from edgetrain.memory.probe import peak_rss_bytes
+from edgetrain.memory.process import peak_rss_bytes
 m = create_model("cifar_resnet20"); opt = torch.optim.SGD(m.parameters(), lr=0.05)
 x, y = torch.randn(64, 3, 32, 32), torch.arange(64) % 10
 for _ in range(3):

@@ -98,8 +98,8 @@ def _profiles():
 
 def test_recomputed_prediction_figures():
     """Figures the README quotes from a prediction: recomputed (fake tensors, seconds)."""
-    from edgetrain.memory.predict import estimate
     from edgetrain.models import create_model
+    from edgetrain.planning.estimate import estimate
 
     gib = _num(README, r"the predicted peak is ([\d.]+) GB", "README.md")
     got = estimate(create_model("resnet18"), (3, 224, 224), 128).predicted["peak_total_bytes"] / 2**30

@@ -44,12 +44,14 @@ class Estimate(Verb):
         add_json(p)
 
     def run(self, args: argparse.Namespace) -> int:
-        from edgetrain.memory.predict import estimate
         from edgetrain.models import create_model
+        from edgetrain.planning.estimate import estimate
+        from edgetrain.train.calibrate import resolve_profile
 
         model = create_model(args.model, args.num_classes)
         shape = (args.channels, args.input_size, args.input_size)
-        est = estimate(model, shape, args.batch_size, args.optimizer, args.device, args.method, args.num_classes,
+        device = resolve_profile(args.device) if args.device else None
+        est = estimate(model, shape, args.batch_size, args.optimizer, device, args.method, args.num_classes,
                        args.model, skip_unused=args.skip_unused)  # fmt: skip
         for spec in est.skipped:
             print(f"edgetrain estimate: --method {spec} skipped: no eligible layer in {args.model}", file=sys.stderr)
@@ -68,7 +70,7 @@ class Estimate(Verb):
 
 
 def _measure(args: argparse.Namespace, shape: tuple[int, int, int], est) -> dict:
-    from edgetrain.memory.probe import measure_in_subprocess
+    from edgetrain.train.probe import measure_in_subprocess
 
     budget = None
     if args.budget:

@@ -58,7 +58,7 @@ def load_source(args: argparse.Namespace):
     from pathlib import Path
 
     from edgetrain.models import create_model
-    from edgetrain.plan import Plan, apply_plan_
+    from edgetrain.planning import Plan, apply_plan_
     from edgetrain.train import checkpoint as ckpt
 
     if args.model:

@@ -74,7 +74,7 @@ def _from_plan(path: str | None) -> dict:
     and the recipe refuses any that differ from the plan's)."""
     if not path:
         return {}
-    from edgetrain.plan import Plan
+    from edgetrain.planning import Plan
 
     plan = Plan.load(path)
     rec = {"model": plan.model, "batch_size": plan.batch_size, "input_size": plan.input_shape[-1],

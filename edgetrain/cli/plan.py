@@ -26,7 +26,7 @@ class PlanVerb(Verb):
         p.add_argument("--prefer", choices=("speed", "accuracy"), default="speed",
                        help="weigh step time (speed) or accuracy risk (accuracy) first")  # fmt: skip
         p.add_argument("--method", action="append", default=[], metavar="SPEC",
-                       help="a low-rank method to apply first (tucker2, cp, cp-refused, partial); the rest is planned")  # fmt: skip
+                       help="a low-rank method to apply first (tucker2, cp, partial); the rest is planned")  # fmt: skip
         p.add_argument("--out", "-o", metavar="FILE", help="write the plan (YAML, or JSON for *.json)")
         p.add_argument("--plot", metavar="PNG", help="memory by category: plain vs the plan")
         p.add_argument("--verify", action="store_true", help="run one real step under the device's budget guard")
@@ -34,11 +34,12 @@ class PlanVerb(Verb):
 
     def run(self, args: argparse.Namespace) -> int:
         from edgetrain.models import create_model
-        from edgetrain.plan import plan_for
+        from edgetrain.planning import plan_for
+        from edgetrain.train.calibrate import resolve_profile
 
         model = create_model(args.model, args.num_classes)
         shape = (args.channels, args.input_size, args.input_size)
-        plan = plan_for(model, shape, args.batch_size, args.device, args.optimizer, args.prefer, args.model,
+        plan = plan_for(model, shape, args.batch_size, resolve_profile(args.device), args.optimizer, args.prefer, args.model,
                         args.num_classes, methods=args.method)  # fmt: skip
         measured = verify(plan, args) if args.verify else None
         if args.out:
@@ -58,7 +59,7 @@ def verify(plan, args: argparse.Namespace) -> dict:
 
     from edgetrain.devices.store import get_device
     from edgetrain.memory.guard import tensor_budget
-    from edgetrain.memory.probe import measure_in_subprocess
+    from edgetrain.train.probe import measure_in_subprocess
 
     profile = get_device(args.device)
     req = {"model": args.model, "num_classes": args.num_classes, "input_shape": plan.input_shape,

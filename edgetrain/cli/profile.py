@@ -19,8 +19,8 @@ class Profile(Verb):
         add_json(p)
 
     def run(self, args: argparse.Namespace) -> int:
-        from edgetrain.devices.calibrate import profile_device
         from edgetrain.devices.store import save_profile
+        from edgetrain.train.calibrate import profile_device
 
         prof = profile_device(name=args.save, quick=args.quick)
         if args.save:

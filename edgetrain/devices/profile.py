@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,8 @@ class DeviceProfile:
     source: str = "spec"  # spec (datasheets) | calibrated (measured)
     reference: str = ""  # datasheet named, or "host@date" of the calibration
     path: str | None = field(default=None, compare=False)  # the file it came from
+    # reserved sizes written `auto` and not yet measured on this host (see `with_reserved`)
+    auto_reserved: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         where = self.path or self.name
@@ -55,6 +61,11 @@ class DeviceProfile:
         ok = 0 < self.usable_memory_bytes <= self.total_memory_bytes
         _check(where, "memory.usable", ok, "a positive size no larger than memory.total", self.usable_memory_bytes)
         _check(where, "compute.fp32_gflops", self.fp32_gflops > 0, "a positive number", self.fp32_gflops)
+
+    def with_reserved(self, sizes: dict[str, int]) -> DeviceProfile:
+        """This profile with its `auto` reserved sizes filled in from `sizes` (measured above)."""
+        filled = {k: int(sizes[k]) for k in self.auto_reserved}
+        return dataclasses.replace(self, reserved_bytes={**self.reserved_bytes, **filled}, auto_reserved=())
 
     @property
     def reserved_total_bytes(self) -> int:
@@ -69,7 +80,7 @@ class DeviceProfile:
             "memory": {
                 "total": self.total_memory_bytes,
                 "usable": self.usable_memory_bytes,
-                "reserved": dict(self.reserved_bytes),
+                "reserved": {**self.reserved_bytes, **{k: "auto" for k in self.auto_reserved}},
                 "unified": self.unified_memory,
                 "allocator": self.allocator,
                 "workspace": self.workspace_bytes,
@@ -115,13 +126,20 @@ def profile_from_dict(data: Any, where: str) -> DeviceProfile:
     reserved = mem.get("reserved") or {}
     if not isinstance(reserved, dict):
         raise ProfileError(f"{where}: field 'memory.reserved' must map names to sizes, e.g. cuda_context: 300MiB")
+    auto = tuple(k for k, v in reserved.items() if k in AUTO_RESERVED and v == "auto")
+    cached = cached_overheads() if auto else {}
+    auto = tuple(k for k in auto if k not in cached)
     return DeviceProfile(
         name=str(_need(data, "name", where)),
         kind=str(_need(data, "kind", where)),
         description=str(data.get("description", "")),
         total_memory_bytes=total,
         usable_memory_bytes=usable,
-        reserved_bytes={k: _reserved_size(k, v, where) for k, v in reserved.items()},
+        reserved_bytes={
+            k: cached[k] if v == "auto" and k in cached else _reserved_size(k, v, where)
+            for k, v in reserved.items()
+            if k not in auto
+        },  # fmt: skip
         unified_memory=bool(mem.get("unified", False)),
         allocator=str(mem.get("allocator", "cpu-malloc")),
         workspace_bytes=parse_size(mem.get("workspace", 0), where, "memory.workspace"),
@@ -134,6 +152,7 @@ def profile_from_dict(data: Any, where: str) -> DeviceProfile:
         source=str(prov.get("source", "spec")),
         reference=str(prov.get("reference", "")),
         path=where,
+        auto_reserved=auto,
     )
 
 
@@ -185,12 +204,34 @@ def _resolve_auto(v: Any, where: str, key: str) -> int:
 
 
 def _reserved_size(key: str, v: Any, where: str) -> int:
-    """`framework: auto` (the generic cpu profile) is this host's torch import cost, measured."""
-    if key == "framework" and v == "auto":
-        from edgetrain.devices.calibrate import cached_overheads
-
-        return cached_overheads()["framework"]
+    if v == "auto":
+        raise ProfileError(f"{where}: field 'memory.reserved.{key}' cannot be auto: only {AUTO_RESERVED} are measured")
     return parse_size(v, where, f"memory.reserved.{key}")
+
+
+AUTO_RESERVED = ("framework",)  # reserved sizes a profile may leave `auto`: measured on this host
+
+
+def overheads_cache() -> Path:
+    """Where this host's measured overheads are kept, per Python and torch version (the probe
+    that measures them, `edgetrain.train.calibrate`, writes it; loading a profile only reads it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "none"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgetrain"
+    key = hashlib.sha1(f"{sys.executable}|{torch_version}".encode()).hexdigest()[:12]
+    return base / f"overheads-{key}.json"
+
+
+def cached_overheads() -> dict[str, int]:
+    """This host's measured overheads if a probe has cached them, else {} (nothing is run)."""
+    try:
+        return {k: int(v) for k, v in json.loads(overheads_cache().read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def _check(where: str, key: str, ok: bool, expected: str, got: Any) -> None:

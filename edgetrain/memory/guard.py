@@ -7,8 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from edgetrain.core.step import optimizer_state_tensors
 from edgetrain.memory.tracker import MemoryTracker
-from edgetrain.train.step import optimizer_state_tensors
 
 
 def tensor_budget(profile) -> int:

@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from edgetrain.core.step import StepSpec, make_optimizer, train_step
 from edgetrain.memory.guard import BudgetGuard
 from edgetrain.memory.tracker import MemoryReport
-from edgetrain.train.step import StepSettings, make_optimizer, train_step
-
-
-@dataclass(frozen=True)
-class StepSpec:
-    """What one training step is: input shape (C, H, W), batch, classes, optimizer, settings."""
-
-    input_shape: tuple[int, int, int]
-    batch_size: int
-    num_classes: int
-    optimizer: str = "sgd"
-    settings: StepSettings = StepSettings()
 
 
 def fake_copy(model: nn.Module, mode: FakeTensorMode) -> nn.Module:

@@ -1,6 +1,7 @@
-"""`estimate`: a training step's peak memory, predicted without allocating it.
+"""A prepared model's training step: its peak memory, predicted without allocating it.
 
-The step runs once under `FakeTensorMode` with the memory tracker on top (tensor level:
+Memory applies nothing: the model comes with its methods already applied (planning's
+`estimate` prepares it). The step runs once under `FakeTensorMode` with the memory tracker on top (tensor level:
 exactly the bytes a real step would hold), then the device's allocator model and its fixed
 overheads turn that into what the device must have (device level) and what the process
 shows (process level: RSS on a CPU or a Jetson, reserved + context on a discrete GPU).
@@ -10,84 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from edgetrain.core.step import StepSpec
 from edgetrain.devices.profile import DeviceProfile
-from edgetrain.devices.store import get_device
 from edgetrain.errors import BudgetError, ConfigError
 from edgetrain.memory.allocator import device_peak_bytes
-from edgetrain.memory.measure import StepSpec, model_counts, tracked_step
+from edgetrain.memory.measure import tracked_step
 from edgetrain.memory.tracker import MemoryReport
-from edgetrain.methods.base import MethodConfig, parse_spec, prepare
-
-
-@dataclass
-class Estimate:
-    """Predicted (and, with `measure=True`, measured) memory of one training step."""
-
-    model: str
-    input_shape: tuple[int, int, int]
-    batch_size: int
-    optimizer: str
-    device: str | None
-    methods: list[str]
-    predicted: dict[str, Any]
-    budget_bytes: int | None = None
-    measured: dict[str, Any] | None = None
-    skipped: list[str] = field(default_factory=list)  # methods dropped: no eligible layer (skip_unused)
-    counts: dict[str, int] = field(default_factory=dict)  # parameters, trainable, forward FLOPs a sample
-    plain_counts: dict[str, int] | None = None  # the same of the model without the methods
-    report: MemoryReport | None = field(default=None, repr=False)
-
-    @property
-    def fits(self) -> bool | None:
-        if self.budget_bytes is None:
-            return None
-        return self.predicted["peak_device_bytes"] <= self.budget_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "report"}
-        out["input_shape"] = list(self.input_shape)
-        out["fits"] = self.fits
-        return out
-
-
-def estimate(
-    model: nn.Module,
-    input_shape: tuple[int, int, int],
-    batch_size: int,
-    optimizer: str = "sgd",
-    device: DeviceProfile | str | None = None,
-    methods: list[MethodConfig | str] = (),  # type: ignore[assignment]
-    num_classes: int | None = None,
-    name: str = "model",
-    skip_unused: bool = False,
-) -> Estimate:
-    """Predict the peak memory of one steady-state training step of `model` (nothing allocated).
-    A method that finds no eligible layer is refused (`UnusedMethod`), or dropped with `skip_unused`."""
-    profile = get_device(device) if device is not None else None
-    _check_args(model, input_shape, batch_size)
-    check_input_size(model, input_shape[-1], name, input_shape[0])
-    budget = profile.usable_memory_bytes if profile else None
-    if profile is not None:
-        _check_budget(model, budget, profile)
-    unused = "drop" if skip_unused else "error"
-    prepared, configs, settings = prepare(model, list(methods), shapes_only=True, unused=unused, name=name)
-    spec = StepSpec(tuple(input_shape), batch_size, num_classes or _num_classes(model), optimizer, settings)
-    report = _fake_step(prepared, spec, name)
-    predicted = summarize(report, profile)
-    skipped = [m if isinstance(m, str) else m.name for m in methods
-               if (parse_spec(m) if isinstance(m, str) else m).for_shapes() not in configs]  # fmt: skip
-    return Estimate(
-        name, tuple(input_shape), batch_size, optimizer, profile.name if profile else None,
-        [c.name for c in configs], predicted, budget, skipped=skipped, report=report,
-        counts=model_counts(prepared, tuple(input_shape)),
-        plain_counts=model_counts(model, tuple(input_shape)) if configs else None,
-    )  # fmt: skip
 
 
 def summarize(report: MemoryReport, profile: DeviceProfile | None) -> dict[str, Any]:
@@ -116,7 +50,14 @@ def _process_overhead(profile: DeviceProfile | None) -> int:
     return sum(v for k, v in profile.reserved_bytes.items() if k in keys)
 
 
-def _fake_step(model: nn.Module, spec: StepSpec, name: str) -> MemoryReport:
+def predict_step(model: nn.Module, spec: StepSpec, profile: DeviceProfile | None, name: str = "model"):
+    """(tracked report, tensor/device/process figures) of one steady-state step of a prepared model."""
+    report = fake_step(model, spec, name)
+    return report, summarize(report, profile)
+
+
+def fake_step(model: nn.Module, spec: StepSpec, name: str = "model") -> MemoryReport:
+    """One tracked step under fake tensors; shape problems come back as one line (ConfigError)."""
     try:
         with _quiet_fake_tensor_log():
             return tracked_step(model, spec, fake=True)
@@ -194,14 +135,14 @@ def check_input_size(model: nn.Module, size: int, name: str, channels: int = 3) 
         raise ConfigError(f"input size {size} is too small {why}: use -s {smallest} or more")
 
 
-def _check_args(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> None:
+def check_args(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch size must be a positive integer, got {batch_size}")
     if len(input_shape) != 3 or any(d < 1 for d in input_shape):
         raise ConfigError(f"input shape must be (channels, height, width) with positive sizes, got {input_shape}")
 
 
-def _check_budget(model: nn.Module, budget: int, profile: DeviceProfile) -> None:
+def check_budget(model: nn.Module, budget: int, profile: DeviceProfile) -> None:
     params = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     if params > budget:
         mib = 2**20
@@ -211,6 +152,6 @@ def _check_budget(model: nn.Module, budget: int, profile: DeviceProfile) -> None
         )
 
 
-def _num_classes(model: nn.Module) -> int:
+def num_classes_of(model: nn.Module) -> int:
     last = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     return (last[-1].out_features if isinstance(last[-1], nn.Linear) else last[-1].out_channels) if last else 10

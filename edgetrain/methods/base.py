@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 from torch import nn
 
 from edgetrain._registry import Registry
+from edgetrain.core.step import StepSettings
 from edgetrain.errors import ConfigError
-from edgetrain.train.step import StepSettings
 
 
 @dataclass(frozen=True)
@@ -99,10 +99,21 @@ def list_methods(pattern: str = "*") -> list[str]:
     return METHODS.list(pattern)
 
 
+ALIASES: dict[str, str] = {}  # an old method name -> the spec that replaced it
+
+
+def register_alias(old: str, spec: str) -> None:
+    """Keep an old method name working: `old:opts` parses as `spec` with `opts` added."""
+    ALIASES[old] = spec
+
+
 def parse_spec(spec: str) -> MethodConfig:
     """'compress:bits=2,group=64' -> the registered config, with values typed and validated."""
     _load_builtin()
     name, _, rest = spec.partition(":")
+    if name.strip() in ALIASES:  # e.g. cp-refused:iters=2 -> cp:refuse=true,iters=2
+        name, _, first = ALIASES[name.strip()].partition(":")
+        rest = ",".join(filter(None, (first, rest)))
     cls = METHODS.get(name.strip()).config_type
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -259,4 +270,4 @@ def _coerce(value: str, typ: Any, spec: str, key: str) -> Any:
 
 def _load_builtin() -> None:
     """Import the built-in method modules so that they register (once)."""
-    from edgetrain.methods import checkpoint, compress, freeze, lowrank, partial, precision, reversible  # noqa: F401
+    from edgetrain.methods import checkpoint, compress, freeze, lowrank, orthogonality, partial, precision, reversible  # noqa: F401

@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from edgetrain.core.step import register_loss_term
+
 
 def _gram_gap(m: torch.Tensor) -> torch.Tensor:
     g = m.T @ m  # (r, r)
@@ -66,3 +68,7 @@ def penalty(model: nn.Module, kind: str) -> torch.Tensor:
         return torch.zeros(())
     with torch.autocast(mats[0].device.type, enabled=False):
         return torch.stack([reg(f.float()) for f in mats]).sum()
+
+
+for _kind in REGULARIZERS:
+    register_loss_term(_kind, lambda model, kind=_kind: penalty(model, kind))

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from edgetrain.errors import ConfigError
 from edgetrain.methods.base import MethodConfig, MethodHandler, register_method, swap_class_
-from edgetrain.methods.lowrank import FACTORIZED, CPConv2d
+from edgetrain.methods.lowrank_layers import FACTORIZED, CPConv2d
 
 FACTORS = ("first", "core", "last")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
+from edgetrain.core.step import PRECISIONS, StepSettings
 from edgetrain.methods.base import MethodConfig, MethodHandler, register_method
-from edgetrain.train.step import PRECISIONS, StepSettings
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
-    from edgetrain.methods.lowrank import CPConv2d, Tucker2Conv2d
+    from edgetrain.methods.lowrank_layers import CPConv2d, Tucker2Conv2d
 
 
 def compress_hooks(m: nn.Module):

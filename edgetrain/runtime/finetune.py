@@ -85,7 +85,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
     steps = len(xtr) // cfg.batch_size
     if steps == 0:
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(xtr)} training images")
-    from edgetrain.train.progress import Progress
+    from edgetrain.progress import Progress
 
     with Progress(cfg.epochs * steps, 0, quiet=cfg.quiet) as bar:
         bar.advance_to(state["epoch"] * steps)

@@ -24,20 +24,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgetrain.devices.store import get_device
+from edgetrain.core.step import make_optimizer, train_step
 from edgetrain.errors import ConfigError, EdgeOOMError, EdgetrainError
 from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
 from edgetrain.memory.predict import check_input_size
 from edgetrain.methods.base import UnusedMethod, structural_specs, unused_methods
 from edgetrain.methods.lowrank import conversion_report, resize_to_
 from edgetrain.models import create_model
-from edgetrain.plan import Plan, apply_plan_, plan_for
+from edgetrain.planning import Plan, apply_plan_, plan_for
+from edgetrain.progress import Progress
 from edgetrain.train import checkpoint as ckpt
+from edgetrain.train.calibrate import resolve_profile
 from edgetrain.train.data import augment, load_data
 from edgetrain.train.evaluate import Evaluation, precise_bn_sample, recalibrate_bn_
 from edgetrain.train.evaluate import evaluate as evaluate_model
-from edgetrain.train.progress import Progress
-from edgetrain.train.step import make_optimizer, train_step
 
 GUARDED_STEPS = 2  # steps watched by the budget guard after each (re)plan
 MAX_RECOVERIES = 3  # divergences a run recovers from (back to the last checkpoint, lr halved)
@@ -101,7 +101,7 @@ class Recipe:
     # --- setup -----------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.profile = get_device(cfg.device)
+        self.profile = resolve_profile(cfg.device)
         state = ckpt.load(self.out / "checkpoint.pt") if self.resume else None
         if state is None:
             _check_new_run_dir(self.out)

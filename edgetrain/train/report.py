@@ -9,7 +9,7 @@ from typing import Any
 
 from edgetrain.memory.plot import plot_timeline
 from edgetrain.models import create_model
-from edgetrain.plan.search import estimate_plan
+from edgetrain.planning.search import estimate_plan
 from edgetrain.train.evaluate import Evaluation
 
 

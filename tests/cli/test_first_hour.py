@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgetrain.plan import Plan
+from edgetrain.planning import Plan
 
 TINY = ("--device", "cpu", "-m", "cifar_resnet8", "-s", "16", "-b", "128", "--epochs", "1")
 

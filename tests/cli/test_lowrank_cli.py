@@ -13,14 +13,21 @@ SMALL = dict(model="cifar_resnet8", batch_size=32, input_size=16, epochs=1)
 
 def test_methods_lists_the_low_rank_ones(cli_json):
     names = {m["name"]: m for m in cli_json("methods")}
-    assert {"tucker2", "cp", "cp-refused", "partial"} <= set(names)
-    assert names["tucker2"]["options"]["reg"] == "none" and names["cp-refused"]["options"]["refuse"] is True
+    assert {"tucker2", "cp", "partial"} <= set(names) and "cp-refused" not in names
+    assert names["tucker2"]["options"]["reg"] == "none" and names["cp"]["options"]["refuse"] is False
+
+
+def test_the_old_name_cp_refused_still_parses_as_cp_refuse_true():
+    from edgetrain.methods.base import parse_spec
+
+    assert parse_spec("cp-refused:iters=2") == parse_spec("cp:refuse=true,iters=2")
+    assert parse_spec("cp-refused") == parse_spec("cp:refuse=true")
 
 
 def test_estimate_shows_the_smaller_parameters_and_the_refused_bytes(cli_json):
     base = ["estimate", "-m", "cifar_resnet20", "-b", "16", "-s", "32"]
     plain, low = cli_json(*base), cli_json(*base, "--method", "tucker2:ratio=0.25")
-    cp, refused = cli_json(*base, "--method", "cp:iters=2"), cli_json(*base, "--method", "cp-refused:iters=2")
+    cp, refused = cli_json(*base, "--method", "cp:iters=2"), cli_json(*base, "--method", "cp:refuse=true,iters=2")
     params = [d["predicted"]["peak_by_category"]["parameters"] for d in (plain, low)]
     assert params[1] < 0.5 * params[0]
     assert refused["predicted"]["saved_activation_bytes"] < cp["predicted"]["saved_activation_bytes"]

@@ -12,7 +12,7 @@ from torch import nn
 from edgetrain.errors import ConfigError
 from edgetrain.export.onnx import check_versions, export_artifacts, primitive_norms_
 from edgetrain.models import create_model
-from edgetrain.plan import Plan, apply_plan_
+from edgetrain.planning import Plan, apply_plan_
 from edgetrain.runtime.trainer import OrtTrainer, sha256_file
 
 SHAPE = (3, 16, 16)
@@ -141,9 +141,9 @@ def test_low_rank_model_exports_and_trains_like_pytorch(tmp_path):
     _steps_side_by_side(tmp_path / "lr", model, "batch", steps=3, seed=2)
 
     cp = create_model("cifar_resnet8")
-    apply_plan_(cp, Plan(methods=["cp-refused:iters=2"]))
+    apply_plan_(cp, Plan(methods=["cp:refuse=true,iters=2"]))
     m = export_artifacts(cp, tmp_path / "cp", SHAPE, CLASSES)
-    assert "cp-refused" in m["methods_not_in_graph"]
+    assert "cp refuse" in m["methods_not_in_graph"]
     x = np.random.default_rng(3).standard_normal((2, *SHAPE)).astype(np.float32)
     _, logits = OrtTrainer(tmp_path / "cp").eval_step(x, np.zeros(2, np.int64))
     cp.eval()

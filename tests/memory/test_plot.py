@@ -7,8 +7,8 @@ import matplotlib
 import pytest
 
 from edgetrain.memory.plot import MIB, timeline_figure
-from edgetrain.memory.predict import estimate
 from edgetrain.models import create_model
+from edgetrain.planning.estimate import estimate
 
 matplotlib.use("Agg")
 
@@ -48,7 +48,7 @@ def test_near_the_budget_both_lines_are_drawn_and_the_budget_is_against_the_devi
 
 def test_plan_figure_marks_each_bars_device_level():
     from edgetrain.cli.plan import plan_figure
-    from edgetrain.plan import plan_for
+    from edgetrain.planning import plan_for
 
     model = create_model("cifar_resnet8")
     plain = estimate(model, (3, 32, 32), 64, device="cpu").predicted["peak_device_bytes"]

@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
+from edgetrain.core.step import make_optimizer, train_step
 from edgetrain.errors import BudgetError, ConfigError, EdgeOOMError
 from edgetrain.memory.allocator import CachingAllocatorModel, cuda_round
 from edgetrain.memory.guard import BudgetGuard
-from edgetrain.memory.predict import estimate
-from edgetrain.memory.validate import compare_case
 from edgetrain.models import create_model
-from edgetrain.train.step import make_optimizer, train_step
+from edgetrain.planning.estimate import estimate
+from edgetrain.train.validate import compare_case
 
 MiB = 2**20
 
@@ -26,9 +26,9 @@ def test_prediction_matches_measurement(model, batch, size):
 
 def test_estimate_resnet18_b128_224_is_fast_and_allocates_nothing():
     code = (
-        "import time, json; from edgetrain.memory.predict import estimate;"
+        "import time, json; from edgetrain.planning.estimate import estimate;"
         "from edgetrain.models import create_model; m = create_model('resnet18'); t = time.perf_counter();"
-        "e = estimate(m, (3, 224, 224), 128); dt = time.perf_counter() - t; from edgetrain.memory.probe import peak_rss_bytes;"
+        "e = estimate(m, (3, 224, 224), 128); dt = time.perf_counter() - t; from edgetrain.memory.process import peak_rss_bytes;"
         "print(json.dumps([dt, e.predicted['peak_total_bytes'], peak_rss_bytes()]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

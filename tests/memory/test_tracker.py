@@ -3,7 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgetrain.memory.measure import StepSpec, tracked_step
+from edgetrain.core.step import StepSpec
+from edgetrain.memory.measure import tracked_step
 from edgetrain.memory.tracker import MemoryTracker
 from edgetrain.models import create_model
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from edgetrain.memory.measure import StepSpec, tracked_step
-from edgetrain.memory.predict import estimate
+from edgetrain.core.step import StepSettings, StepSpec
+from edgetrain.memory.measure import tracked_step
 from edgetrain.methods.base import apply_method_, parse_spec, prepare
 from edgetrain.methods.compress import CompressConfig, CompressHooks
 from edgetrain.methods.sensitivity import allocate_bits, layer_sensitivity, saved_sizes
 from edgetrain.models import create_model
-from edgetrain.train.step import StepSettings
+from edgetrain.planning.estimate import estimate
 
 
 def _grads(model, x, y, settings: StepSettings | None = None) -> torch.Tensor:

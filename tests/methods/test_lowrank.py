@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
+from edgetrain.core.step import StepSpec, make_optimizer, train_step
 from edgetrain.errors import ConfigError
-from edgetrain.memory.measure import StepSpec, flop_hooks, tracked_step
-from edgetrain.memory.predict import estimate
+from edgetrain.memory.measure import flop_hooks, tracked_step
 from edgetrain.methods import factorize as fz
 from edgetrain.methods import lowrank as lr
 from edgetrain.methods.base import apply_method_, parse_spec, prepare, set_exportable
-from edgetrain.plan import Plan, apply_plan_
-from edgetrain.train.step import make_optimizer, train_step
+from edgetrain.planning import Plan, apply_plan_
+from edgetrain.planning.estimate import estimate
 
 VARIANTS = {
     "plain": dict(kernel_size=3),
@@ -216,7 +216,7 @@ def test_estimate_equals_a_measured_step(methods):
 
 
 @pytest.mark.parametrize(
-    "spec, name", [("cp-refused:iters=2", "cp-refused"), ("tucker2:refuse=true", "tucker2 refuse")]
+    "spec, name", [("cp:refuse=true,iters=2", "cp refuse"), ("tucker2:refuse=true", "tucker2 refuse")]
 )
 def test_set_exportable_turns_refusion_and_partial_off(spec, name):
     model = prepare(_tiny_vgg(), [spec, "partial"])[0]
@@ -226,7 +226,7 @@ def test_set_exportable_turns_refusion_and_partial_off(spec, name):
 
 
 def test_plan_with_low_rank_applies_to_a_fresh_model(tmp_path):
-    from edgetrain.plan import plan_for
+    from edgetrain.planning import plan_for
 
     plan = plan_for(_tiny_vgg(), (3, 32, 32), 8, "cpu", methods=["tucker2:ratio=0.5"])
     plan.layers = {"2.core": "compress:bits=4"}  # a per-layer choice named inside a factorized layer
@@ -237,7 +237,7 @@ def test_plan_with_low_rank_applies_to_a_fresh_model(tmp_path):
 
 
 def test_planner_refuses_methods_it_chooses_itself():
-    from edgetrain.plan import plan_for
+    from edgetrain.planning import plan_for
 
     with pytest.raises(ConfigError, match="low-rank"):
         plan_for(_tiny_vgg(), (3, 32, 32), 8, "cpu", methods=["checkpoint"])

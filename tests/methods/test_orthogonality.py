@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from edgetrain.core.step import StepSettings, make_optimizer, train_step
 from edgetrain.methods import orthogonality as orth
 from edgetrain.methods.base import prepare
-from edgetrain.train.step import StepSettings, make_optimizer, train_step
 
 
 def _orthonormal(n: int, r: int) -> torch.Tensor:

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from edgetrain.memory.predict import estimate
 from edgetrain.memory.tracker import ACTIVATION_MEMORY
 from edgetrain.methods.base import apply_method_, parse_spec
 from edgetrain.methods.reversible import Coupling, InvDownsample, ReversibleSequence, residual_fn
 from edgetrain.models import create_model
 from edgetrain.models.revnet import RevNet
+from edgetrain.planning.estimate import estimate
 
 
 def _grads_vs_plain(model: RevNet, x, y):

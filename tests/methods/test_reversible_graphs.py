@@ -162,9 +162,9 @@ def test_torch_memtracker_measures_a_reversible_model():
     its peak agrees with edgetrain's measurement of the same step."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from edgetrain.memory.measure import StepSpec, tracked_step
+    from edgetrain.core.step import StepSpec, make_optimizer
+    from edgetrain.memory.measure import tracked_step
     from edgetrain.models import create_model
-    from edgetrain.train.step import make_optimizer
 
     torch.manual_seed(0)
     model = create_model("revnet")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from edgetrain.memory.predict import estimate
-from edgetrain.memory.validate import compare_case
+from edgetrain.core.step import StepSettings, make_optimizer, train_step
 from edgetrain.methods.base import apply_method_, parse_spec, step_settings_for
 from edgetrain.models import create_model
-from edgetrain.train.step import StepSettings, make_optimizer, train_step
+from edgetrain.planning.estimate import estimate
+from edgetrain.train.validate import compare_case
 
 
 def _step(model, x, y, settings: StepSettings | None = None):

@@ -16,9 +16,9 @@ from typing import Any
 import yaml
 from torch import nn
 
+from edgetrain.core.step import StepSettings
 from edgetrain.errors import ConfigError, EdgetrainError
 from edgetrain.methods.base import apply_method_, handler_for, parse_spec, step_settings_for
-from edgetrain.train.step import StepSettings
 
 PLAN_VERSION = 2
 

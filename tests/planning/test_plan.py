@@ -9,8 +9,8 @@ import torch
 
 from edgetrain.errors import ConfigError
 from edgetrain.models import create_model
-from edgetrain.plan import Plan, apply_plan_
-from edgetrain.plan.plan import param_shapes
+from edgetrain.planning import Plan, apply_plan_
+from edgetrain.planning.record import param_shapes
 
 
 def _plan() -> Plan:

@@ -1,17 +1,38 @@
-"""One training step, the same code for real training, measurement and fake-tensor prediction."""
+"""One training step, the same code for real training, measurement and fake-tensor prediction.
+
+The bottom layer of edgetrain: it imports nothing of edgetrain's but its errors. What a layer
+above adds to a step comes in through `StepSettings`, a tracker (`StepTracker`: memory's
+`MemoryTracker`), or a loss term registered by name (`register_loss_term`: the low-rank
+methods' orthogonality regularizers).
+"""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from edgetrain.errors import ConfigError
-from edgetrain.memory.tracker import MemoryTracker
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOSS_TERMS: dict[str, Callable[[nn.Module], torch.Tensor]] = {}  # name -> penalty(model), see StepSettings.orth
+
+
+def register_loss_term(name: str, fn: Callable[[nn.Module], torch.Tensor]) -> None:
+    """Make `StepSettings(orth=name)` add `orth_weight * fn(model)` to every step's loss."""
+    LOSS_TERMS[name] = fn
+
+
+class StepTracker(Protocol):
+    """What `train_step` tells a memory tracker: phases, and what the live tensors are."""
+
+    def in_phase(self, name: str) -> contextlib.AbstractContextManager: ...
+    def label_live(self, category: str, phase: str) -> None: ...
+    def track(self, tensors: Iterable[torch.Tensor | None], category: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -29,6 +50,17 @@ class StepSettings:
             raise ConfigError(f"precision '{self.precision}' unknown: use one of {list(PRECISIONS)}")
         if self.micro_batches < 1:
             raise ConfigError(f"micro_batches must be >= 1, got {self.micro_batches}")
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """What one training step is: input shape (C, H, W), batch, classes, optimizer, settings."""
+
+    input_shape: tuple[int, int, int]
+    batch_size: int
+    num_classes: int
+    optimizer: str = "sgd"
+    settings: StepSettings = StepSettings()
 
 
 def make_optimizer(name: str, params, lr: float = 0.05) -> torch.optim.Optimizer:
@@ -59,7 +91,7 @@ def train_step(
     y: torch.Tensor,  # (N,)
     optimizer: torch.optim.Optimizer,
     settings: StepSettings = StepSettings(),
-    tracker: MemoryTracker | None = None,
+    tracker: StepTracker | None = None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
     """Forward, backward (accumulated over micro-batches) and optimizer step; returns the loss.
@@ -92,9 +124,11 @@ def train_step(
 
 
 def _penalty(model: nn.Module, kind: str) -> torch.Tensor:
-    from edgetrain.methods.orthogonality import penalty
-
-    return penalty(model, kind)
+    if kind not in LOSS_TERMS:
+        raise ConfigError(
+            f"loss term '{kind}' unknown: use one of {sorted(LOSS_TERMS)} (import edgetrain.methods.base)"
+        )
+    return LOSS_TERMS[kind](model)
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer):

@@ -7,7 +7,7 @@ import pytest
 
 def test_a_measuring_process_that_times_out_gets_one_line(monkeypatch):
     from edgetrain.errors import EdgetrainError
-    from edgetrain.memory.probe import TIMEOUT_ENV, measure_in_subprocess
+    from edgetrain.train.probe import TIMEOUT_ENV, measure_in_subprocess
 
     monkeypatch.setenv(TIMEOUT_ENV, "0.01")
     req = {"model": "cifar_resnet8", "num_classes": 10, "input_shape": [3, 16, 16], "batch_size": 4, "optimizer": "sgd"}

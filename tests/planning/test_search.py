@@ -7,13 +7,14 @@ import re
 
 import pytest
 
+from edgetrain.core.step import StepSpec
 from edgetrain.devices.store import get_device, save_profile
 from edgetrain.errors import BudgetError
 from edgetrain.memory.guard import tensor_budget
-from edgetrain.memory.measure import StepSpec, tracked_step
+from edgetrain.memory.measure import tracked_step
 from edgetrain.models import create_model
-from edgetrain.plan import apply_plan_, plan_for
-from edgetrain.plan.search import brute_force, knapsack
+from edgetrain.planning import apply_plan_, plan_for
+from edgetrain.planning.search import brute_force, knapsack
 
 MiB = 2**20
 

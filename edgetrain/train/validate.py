@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgetrain.devices.store import get_device
-from edgetrain.memory.predict import estimate
-from edgetrain.memory.probe import measure_in_subprocess
 from edgetrain.models import create_model
+from edgetrain.planning.estimate import estimate
+from edgetrain.train.calibrate import resolve_profile
+from edgetrain.train.probe import measure_in_subprocess
 
 
 def compare_case(
@@ -25,7 +25,7 @@ def compare_case(
     the measuring process's peak RSS (a CPU host; on a CUDA device the probe reports the
     allocator's reserved peak instead).
     """
-    profile = get_device(device)
+    profile = resolve_profile(device)
     shape = (3, size, size)
     est = estimate(
         create_model(model, num_classes), shape, batch_size, optimizer, profile, list(methods), num_classes, model

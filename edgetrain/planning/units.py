@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from edgetrain.core.step import StepSpec
 from edgetrain.devices.profile import DeviceProfile
-from edgetrain.memory.measure import StepSpec, flop_hooks, tracked_step
+from edgetrain.memory.measure import flop_hooks, tracked_step
 from edgetrain.memory.predict import _quiet_fake_tensor_log
 from edgetrain.memory.tracker import MemoryTracker
 from edgetrain.methods.base import handler_for, parse_spec
 from edgetrain.methods.compress import LAYER_TYPES
-from edgetrain.plan.plan import Plan, apply_plan_
+from edgetrain.planning.record import Plan, apply_plan_
 
 COMPRESS = ("compress:bits=8", "compress:bits=4", "compress:bits=2")
 OPTIONS = ("plain", "checkpoint", *COMPRESS)

@@ -1,4 +1,4 @@
-"""Measure one real training step in a fresh process: `python -m edgetrain.memory.probe JSON`.
+"""Measure one real training step in a fresh process: `python -m edgetrain.train.probe JSON`.
 
 A fresh process is the only honest way to read a step's peak resident memory: the peak RSS of
 a process that did other work first says nothing about the step. Prints one JSON line.
@@ -12,20 +12,7 @@ import subprocess
 import sys
 from typing import Any
 
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory. Linux: VmHWM of its own address space, because
-    ru_maxrss also carries the parent's peak across fork/exec (vfork makes it the parent's)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from edgetrain.memory.process import peak_rss_bytes
 
 
 def _main(req: dict[str, Any]) -> dict[str, Any]:
@@ -37,7 +24,7 @@ def _main(req: dict[str, Any]) -> dict[str, Any]:
     import torchvision  # noqa: F401 - the framework a training process carries
 
     framework = psutil.Process().memory_info().rss
-    from edgetrain.memory.measure import StepSpec
+    from edgetrain.core.step import StepSpec
     from edgetrain.memory.measure import tracked_step as step
     from edgetrain.methods.base import prepare
     from edgetrain.models import create_model
@@ -46,7 +33,7 @@ def _main(req: dict[str, Any]) -> dict[str, Any]:
     cuda = req.get("cuda", False) and torch.cuda.is_available()
     model = create_model(req["model"], req["num_classes"])
     if req.get("plan"):
-        from edgetrain.plan.plan import Plan, apply_plan_
+        from edgetrain.planning.record import Plan, apply_plan_
 
         settings = apply_plan_(model, Plan.from_dict(req["plan"]))
     else:
@@ -81,7 +68,7 @@ def measure_in_subprocess(request: dict[str, Any], timeout: float | None = None)
         raise ConfigError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} is not a number of seconds") from None
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "edgetrain.memory.probe", json.dumps(request)],
+            [sys.executable, "-m", "edgetrain.train.probe", json.dumps(request)],
             capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
     except subprocess.TimeoutExpired:

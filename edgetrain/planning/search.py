@@ -1,4 +1,4 @@
-"""`plan()`: the configuration that fits the device at the least cost.
+"""`plan_for()`: the configuration that fits the device at the least cost.
 
 Per unit (block or leftover layer) one option among plain, checkpoint and compression at 8/4/2
 bits; step-wide a precision and a number of micro-batches. For each step-wide setting the
@@ -18,14 +18,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from edgetrain.core.step import StepSpec
 from edgetrain.devices.profile import DeviceProfile
 from edgetrain.devices.store import get_device
 from edgetrain.errors import BudgetError, ConfigError
-from edgetrain.memory.measure import StepSpec
-from edgetrain.memory.predict import Estimate, _num_classes, estimate
+from edgetrain.memory.predict import num_classes_of
 from edgetrain.methods.base import parse_spec, prepare, structural_specs
-from edgetrain.plan.plan import Plan, apply_plan_, param_shapes
-from edgetrain.plan.units import UnitTable, has_batchnorm, option_seconds, step_seconds, unit_table
+from edgetrain.planning.estimate import Estimate, estimate
+from edgetrain.planning.record import Plan, apply_plan_, param_shapes
+from edgetrain.planning.units import UnitTable, has_batchnorm, option_seconds, step_seconds, unit_table
 
 PREFER = {"speed": 0.05, "accuracy": 2.0}  # weight of one risk rank against a 100% time overhead
 BUCKETS = 512
@@ -188,7 +189,7 @@ class Planner:
         return Plan(methods=g.methods(), layers=layers, shapes={n: param_shapes(mods[n]) for n in layers})
 
 
-def plan(
+def plan_for(
     model: nn.Module,
     input_shape: tuple[int, int, int],
     batch_size: int,
@@ -211,7 +212,7 @@ def plan(
     for spec in methods:
         if spec not in structural_specs([spec]):
             raise ConfigError(f"method '{spec}' is one the planner chooses itself: give only low-rank "
-                              "methods (tucker2, cp, cp-refused, partial), or force everything with fit --method")  # fmt: skip
+                              "methods (tucker2, cp, partial), or force everything with fit --method")  # fmt: skip
     if methods:
         model = prepare(model, list(methods), shapes_only=True)[0]
     base = " + ".join(methods) or "plain"
@@ -250,7 +251,7 @@ def _search(model, input_shape, batch_size, profile, optimizer, prefer, name, nu
         )
         return _finish(doc, Plan(), plain, 1.0, [row], [why])
     row["fits"] = False
-    spec = StepSpec(tuple(input_shape), batch_size, num_classes or _num_classes(model), optimizer)
+    spec = StepSpec(tuple(input_shape), batch_size, num_classes or num_classes_of(model), optimizer)
     planner = Planner(model, spec, profile, prefer, plain)
     rows, found = [row], []
     for g in step_wide_options(profile, batch_size):
