@@ -70,7 +70,7 @@ def bytes_table(quick: bool) -> list[dict]:
                 m, _, settings = prepare(model, methods)
                 spec = StepSpec((3, size, size), batch, 10, settings=settings)
                 rep = tracked_step(m, spec, fake=False)
-                pred = estimate(model, (3, size, size), batch, methods=methods).predicted["peak_total_bytes"]
+                pred = estimate(model, (3, size, size), batch, methods=methods).predicted.peak_total_bytes
                 case.append((label, target, rep, pred))
                 steps.append((m, spec))
             secs = _interleaved_times(steps, 2 if quick else 5)

@@ -134,7 +134,7 @@ def estimate_table() -> list[dict]:
             if spec == ["freeze:upto=layer2"] and name != "resnet18":
                 continue
             model = create_model(name)
-            pred = estimate(model, (3, s, s), b, methods=spec).predicted["peak_total_bytes"]
+            pred = estimate(model, (3, s, s), b, methods=spec).predicted.peak_total_bytes
             m, _, settings = prepare(model, spec)
             meas = tracked_step(m, StepSpec((3, s, s), b, 10, settings=settings), fake=False).peak_bytes
             rows.append({"model": name, "method": "+".join(spec) or "plain", "predicted": pred, "measured": meas})

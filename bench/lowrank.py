@@ -44,7 +44,7 @@ def measure(model: nn.Module, methods: list[str], shape, batch: int) -> dict:
     "model" is the prepared model itself (the step ran on a copy)."""
     m, _, settings = prepare(model, methods)
     rep = tracked_step(m, StepSpec(shape, batch, 10, settings=settings), fake=False)
-    pred = estimate(model, shape, batch, methods=methods).predicted["peak_total_bytes"]
+    pred = estimate(model, shape, batch, methods=methods).predicted.peak_total_bytes
     return {"model": m, "settings": settings, "params": sum(p.numel() for p in m.parameters()),
             "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad), "flops": model_counts(m, shape)["forward_flops"],
             "saved": rep.saved_activation_bytes, "peak": rep.peak_bytes, "est_err": pred / rep.peak_bytes - 1}  # fmt: skip

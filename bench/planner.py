@@ -63,7 +63,7 @@ def grid(batches: list[int]) -> list[dict]:
                 t0 = time.perf_counter()
                 try:
                     p = plan_for(model, (3, 224, 224), b, device, name=name)
-                    summary, peak = p.summary(), p.predicted["peak_device_bytes"]
+                    summary, peak = p.summary(), p.predicted.peak_device_bytes
                 except BudgetError as e:
                     p, summary, peak = None, "none: " + str(e).split(": ", 1)[1][:52], None
                 secs = time.perf_counter() - t0
@@ -116,7 +116,7 @@ def measured(rows: list[dict], cases: set[str]) -> list[dict]:
             ratio["halve"] = (
                 _seconds(copy.deepcopy(model), r["halve_batch"], settings.__class__()) / r["halve_batch"] / base
             )
-        pred = plan.predicted["peak_total_bytes"]
+        pred = plan.predicted.peak_total_bytes
         row = {"case": key, "predicted": pred, "measured": rep.peak_bytes, "error": pred / rep.peak_bytes - 1,
                "under_budget": rep.peak_bytes <= tensor_budget(get_device(r["device"])), "time_ratios": ratio}  # fmt: skip
         out.append(row)

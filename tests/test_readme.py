@@ -102,13 +102,13 @@ def test_recomputed_prediction_figures():
     from edgetrain.planning.estimate import estimate
 
     gib = _num(README, r"the predicted peak is ([\d.]+) GB", "README.md")
-    got = estimate(create_model("resnet18"), (3, 224, 224), 128).predicted["peak_total_bytes"] / 2**30
+    got = estimate(create_model("resnet18"), (3, 224, 224), 128).predicted.peak_total_bytes / 2**30
     assert abs(gib - got) <= 0.05, f"README: resnet18 b128 224 px peak {gib} GB, predicted {got:.2f} GiB"
     tensors = _num(README, r"the step needs (\d+) MiB of tensors", "README.md")
     device = _num(README, r"MiB of tensors, (\d+) MiB at the device level", "README.md")
     e = estimate(create_model("mobilenet_v2"), (3, 64, 64), 128, device="gtx750-1gb")
-    assert abs(tensors - e.predicted["peak_total_bytes"] / 2**20) <= 0.5
-    assert abs(device - e.predicted["peak_device_bytes"] / 2**20) <= 0.5
+    assert abs(tensors - e.predicted.peak_total_bytes / 2**20) <= 0.5
+    assert abs(device - e.predicted.peak_device_bytes / 2**20) <= 0.5
 
 
 SMALL = {"-s": "16", "--input-size": "16", "-b": "64", "--batch-size": "64", "--epochs": "1", "-m": "cifar_resnet8",

@@ -61,7 +61,7 @@ class Estimate(Verb):
             from edgetrain.memory.plot import plot_timeline
 
             title = f"{args.model} b{args.batch_size} {args.input_size}px {'+'.join(est.methods) or 'plain'}"
-            plot_timeline(est.report, args.plot, title, est.budget_bytes, est.predicted["peak_device_bytes"])
+            plot_timeline(est.report, args.plot, title, est.budget_bytes, est.predicted.peak_device_bytes)
         if args.json:
             print_json(est.to_dict())
         else:
@@ -83,7 +83,7 @@ def _measure(args: argparse.Namespace, shape: tuple[int, int, int], est) -> dict
             budget = tensor_budget(get_device(args.device))
         else:
             budget = parse_size(args.budget, "--budget", "budget")
-        if budget <= est.predicted["peak_by_category"]["parameters"]:
+        if budget <= est.predicted.peak_by_category["parameters"]:
             raise BudgetError(f"budget {mib(budget)} is below the parameters' own size: give a larger --budget")
     req = {"model": args.model, "num_classes": args.num_classes, "input_shape": list(shape),
            "batch_size": args.batch_size, "optimizer": args.optimizer, "methods": args.method, "budget": budget, "cuda": _on_gpu(est)}  # fmt: skip
@@ -101,9 +101,9 @@ def _on_gpu(est) -> bool:
 
 def _print(est) -> None:
     p = est.predicted
-    rows = [[c, mib(v)] for c, v in p["peak_by_category"].items()]
-    rows += [["peak (tensors)", mib(p["peak_total_bytes"])], ["peak (device, allocator model)", mib(p["peak_device_bytes"])],
-             ["peak (process)", mib(p["peak_process_bytes"])], ["saved activations", mib(p["saved_activation_bytes"])]]  # fmt: skip
+    rows = [[c, mib(v)] for c, v in p.peak_by_category.items()]
+    rows += [["peak (tensors)", mib(p.peak_total_bytes)], ["peak (device, allocator model)", mib(p.peak_device_bytes)],
+             ["peak (process)", mib(p.peak_process_bytes)], ["saved activations", mib(p.saved_activation_bytes)]]  # fmt: skip
     if est.measured:
         m = est.measured
         for row, key in zip(
@@ -112,11 +112,11 @@ def _print(est) -> None:
             row.append(mib(m[key]) if key else "-")
     cols = ["category", "predicted MiB"] + (["measured MiB"] if est.measured else [])
     what = f"{est.model} b{est.batch_size} {est.input_shape[1]}px {est.optimizer} {'+'.join(est.methods) or 'plain'}"
-    table(f"{what}: peak at {p['peak_phase']} ({p['peak_op']})", cols, rows)
+    table(f"{what}: peak at {p.peak_phase} ({p.peak_op})", cols, rows)
     print(_counts_line(est.counts, est.plain_counts))
     if est.budget_bytes is not None:
         verdict = "fits" if est.fits else "does NOT fit"
-        print(f"{est.device}: device-level peak {mib(p['peak_device_bytes'])} against a budget of "
+        print(f"{est.device}: device-level peak {mib(p.peak_device_bytes)} against a budget of "
               f"{mib(est.budget_bytes)}: {verdict}")  # fmt: skip
 
 

@@ -66,7 +66,7 @@ def verify(plan, args: argparse.Namespace) -> dict:
            "batch_size": plan.batch_size, "optimizer": plan.optimizer, "plan": plan.to_dict(),
            "budget": tensor_budget(profile), "cuda": profile.kind != "cpu" and torch.cuda.is_available()}  # fmt: skip
     m = measure_in_subprocess(req)
-    m["ratio_to_predicted"] = m["peak_total_bytes"] / plan.predicted["peak_total_bytes"]
+    m["ratio_to_predicted"] = m["peak_total_bytes"] / plan.predicted.peak_total_bytes
     return m
 
 
@@ -82,7 +82,7 @@ def plan_figure(plan):
 
     base = plan.candidates[0]  # the model as given (plain, or with the low-rank methods the user named)
     bars = [(base["plan"], base["peak_by_category"], base.get("peak_device_bytes")),
-            ("plan: " + plan.summary(), plan.predicted["peak_by_category"], plan.predicted["peak_device_bytes"])]  # fmt: skip
+            ("plan: " + plan.summary(), plan.predicted.peak_by_category, plan.predicted.peak_device_bytes)]  # fmt: skip
     fig, ax = plt.subplots(figsize=(8, 4.5))
     top = 0.0
     for i, (_, cats, device) in enumerate(bars):
@@ -96,7 +96,7 @@ def plan_figure(plan):
             ax.annotate(f"device level {device / MIB:,.0f} MiB", (i, device / MIB), fontsize=8, ha="center",
                         va="bottom", xytext=(0, 2), textcoords="offset points")  # fmt: skip
         top = max(top, bottom, (device or 0) / MIB)
-    chosen = plan.predicted["peak_device_bytes"]
+    chosen = plan.predicted.peak_device_bytes
     ax.set_ylim(0, budget_lines(ax, chosen, plan.budget_bytes, top, draw_device=False))
     ax.set_xticks(range(len(bars)), [label[:40] for label, _, _ in bars], fontsize=8)
     ax.set_ylabel("MiB at the step's peak (tensors, by category)")
@@ -125,7 +125,7 @@ def _print(plan, measured: dict | None, args: argparse.Namespace) -> None:
     head = f"{plan.model} b{plan.batch_size} {plan.input_shape[-1]}px {plan.optimizer} on {plan.device}"
     table(f"{head}: budget {mib(plan.budget_bytes)} (prefer {args.prefer})",
           ["", "candidate", "peak (device)", "time", "risk", "fits"], rows)  # fmt: skip
-    print(f"chosen: {plan.summary()}  predicted {mib(plan.predicted['peak_device_bytes'])}, "
+    print(f"chosen: {plan.summary()}  predicted {mib(plan.predicted.peak_device_bytes)}, "
           f"step time {plan.overhead:.2f}x plain")  # fmt: skip
     for reason in plan.reasons:
         print(f"  - {reason}")

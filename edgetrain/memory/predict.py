@@ -10,7 +10,9 @@ shows (process level: RSS on a CPU or a Jetson, reserved + context on a discrete
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,21 +26,45 @@ from edgetrain.memory.measure import tracked_step
 from edgetrain.memory.tracker import MemoryReport
 
 
-def summarize(report: MemoryReport, profile: DeviceProfile | None) -> dict[str, Any]:
-    """Tensor-, device- and process-level figures of one tracked step."""
+@dataclass(frozen=True)
+class Prediction:
+    """One step's predicted peak at three levels: tensors (what the tracker counts), device (the
+    allocator model and workspace on top: what the budget is compared with) and process (plus the
+    fixed overheads: what the OOM killer or nvidia-smi sees)."""
+
+    peak_total_bytes: int
+    peak_device_bytes: int
+    peak_process_bytes: int
+    saved_activation_bytes: int
+    peak_by_category: dict[str, int] = field(default_factory=dict)
+    peak_phase: str = ""
+    peak_op: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Prediction:
+        """From `to_dict`'s form (a plan file); unknown keys are a `TypeError` for the caller to word."""
+        return cls(**doc)
+
+
+def summarize(report: MemoryReport, profile: DeviceProfile | None, unseen: int = 0) -> Prediction:
+    """Tensor-, device- and process-level figures of one tracked step; `unseen`: bytes held at the
+    peak that fake tensors cannot see (a method's own state, given by its handler)."""
     allocator = profile.allocator if profile else "cpu-malloc"
     workspace = profile.workspace_bytes if profile else 0
-    device_peak = device_peak_bytes(report, allocator, workspace)
+    device_peak = device_peak_bytes(report, allocator, workspace) + unseen
     overhead = _process_overhead(profile)
-    return {
-        "peak_total_bytes": report.peak_bytes,
-        "peak_device_bytes": device_peak,
-        "peak_process_bytes": device_peak + overhead,
-        "saved_activation_bytes": report.saved_activation_bytes,
-        "peak_by_category": report.peak_by_category,
-        "peak_phase": report.peak_phase,
-        "peak_op": report.peak_op,
-    }
+    return Prediction(
+        peak_total_bytes=report.peak_bytes + unseen,
+        peak_device_bytes=device_peak,
+        peak_process_bytes=device_peak + overhead,
+        saved_activation_bytes=report.saved_activation_bytes,
+        peak_by_category={**report.peak_by_category, **({"unseen": unseen} if unseen else {})},
+        peak_phase=report.peak_phase,
+        peak_op=report.peak_op,
+    )
 
 
 def _process_overhead(profile: DeviceProfile | None) -> int:
@@ -50,16 +76,16 @@ def _process_overhead(profile: DeviceProfile | None) -> int:
     return sum(v for k, v in profile.reserved_bytes.items() if k in keys)
 
 
-def predict_step(model: nn.Module, spec: StepSpec, profile: DeviceProfile | None, name: str = "model"):
+def predict_step(model: nn.Module, spec: StepSpec, profile: DeviceProfile | None, name: str = "model", unseen: int = 0):
     """(tracked report, tensor/device/process figures) of one steady-state step of a prepared model."""
     report = fake_step(model, spec, name)
-    return report, summarize(report, profile)
+    return report, summarize(report, profile, unseen)
 
 
 def fake_step(model: nn.Module, spec: StepSpec, name: str = "model") -> MemoryReport:
     """One tracked step under fake tensors; shape problems come back as one line (ConfigError)."""
     try:
-        with _quiet_fake_tensor_log():
+        with quiet_fake_tensor_log():
             return tracked_step(model, spec, fake=True)
     except RuntimeError as e:
         if "too small" in str(e) or "size" in str(e).lower() and "output" in str(e).lower():
@@ -78,7 +104,7 @@ def fake_step(model: nn.Module, spec: StepSpec, name: str = "model") -> MemoryRe
 
 
 @contextlib.contextmanager
-def _quiet_fake_tensor_log():
+def quiet_fake_tensor_log():
     """Fake tensors log a traceback before re-raising shape errors; we report them in one line."""
     log = logging.getLogger("torch._subclasses.fake_tensor")
     level, log.level = log.level, logging.CRITICAL
@@ -114,7 +140,7 @@ def _probe_min_size(model: nn.Module, channels: int, probe: int) -> tuple[int, i
     hook = lambda mod, inp, out: sides.append(min(out.shape[-2:]))  # noqa: E731
     handles = [mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, _SPATIAL)]
     try:
-        with _quiet_fake_tensor_log(), mode, torch.no_grad():
+        with quiet_fake_tensor_log(), mode, torch.no_grad():
             m(torch.empty(1, channels, probe, probe))
     except RuntimeError:
         return 8, 1

@@ -3,7 +3,11 @@
 A method is a frozen, validated config dataclass plus a handler that says which modules it
 applies to and how (`apply`), or how it changes the step (`step_settings`: precision,
 micro-batching). Every method must run under fake tensors, so the predictor measures it
-by running it; a handler whose memory cannot be seen that way overrides `estimate`.
+by running it; a handler whose memory cannot be seen that way overrides `unseen_bytes`.
+
+The planner reads methods only through the handler protocol below (`plan_scope`, `unit_kind`,
+`candidates`, `step_candidates`, `seconds`, `step_effect`, risk on the config): a new method is
+one file that registers its handler, and the planner weighs it without knowing its name.
 """
 
 from __future__ import annotations
@@ -11,14 +15,44 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
 from edgetrain._registry import Registry
 from edgetrain.core.step import StepSettings
 from edgetrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edgetrain.devices.profile import DeviceProfile
+
+UNIT_KINDS = ("block", "layer")  # what the planner chooses per, outermost first
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """What a unit's option is priced from: the unit's forward FLOPs and plain saved bytes, and the
+    device's throughput (GFLOP/s, GB/s)."""
+
+    flops: int
+    saved_plain: int
+    gflops: float
+    bandwidth_gbs: float
+
+
+@dataclass(frozen=True)
+class StepEffect:
+    """A step-wide config as the planner models it: saved activations of dtype-keeping options
+    scale by `activation_scale`, every activation is held for 1/`batch_divisor` of the batch at a
+    time, the step takes `time_factor` times as long, and it risks `risk` ranks of accuracy."""
+
+    activation_scale: float = 1.0
+    batch_divisor: int = 1
+    time_factor: float = 1.0
+    risk: int = 0
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -29,6 +63,7 @@ class MethodConfig:
     risk: ClassVar[int] = 0
     help: ClassVar[str] = ""
     structural: ClassVar[bool] = False  # changes the layers themselves (low-rank): applied before the rest
+    spec_keys: ClassVar[tuple[str, ...]] = ()  # options `spec_of` always writes, default or not
 
     def for_shapes(self) -> MethodConfig:
         """The config to apply where only shapes and bytes matter (estimating, planning, measuring
@@ -41,6 +76,9 @@ class MethodHandler:
     """How a method acts. Defaults: no module replaced, step unchanged."""
 
     config_type: type[MethodConfig] = MethodConfig
+    # How the planner may choose it: "unit" (per block or layer), "step" (step-wide), or "none"
+    # (only when asked for: changes to the layers themselves, freezing).
+    plan_scope: ClassVar[str] = "none"
 
     def eligible(self, name: str, module: nn.Module, config: MethodConfig) -> bool:
         """Whether `apply` handles this module (by default: none; model-wide methods)."""
@@ -55,6 +93,47 @@ class MethodHandler:
 
     def step_settings(self, settings: StepSettings, config: MethodConfig) -> StepSettings:
         return settings
+
+    # --- the planner's protocol ---------------------------------------------------------------
+    def unit_kind(self, name: str, module: nn.Module) -> str | None:
+        """The kind of planning unit (one of `UNIT_KINDS`) `module` is for this method, or None."""
+        return None
+
+    def candidates(self, kind: str) -> list[MethodConfig]:
+        """The configs the planner may choose for a unit of `kind` (per-unit methods)."""
+        return []
+
+    def derived_from(self, config: MethodConfig) -> tuple[MethodConfig, ...]:
+        """Candidates whose measured saved bytes give `config`'s (`derive`): no fake run of its own."""
+        return ()
+
+    def derive(self, config: MethodConfig, saved: Mapping[MethodConfig, int]) -> int:
+        raise NotImplementedError
+
+    def keeps_dtype(self, config: MethodConfig) -> bool:
+        """Whether what it saves is in the step's autocast dtype (so halves with half precision)."""
+        return True
+
+    def seconds(self, config: MethodConfig, unit: UnitCost) -> float:
+        """Extra step time of `config` on one unit."""
+        return 0.0
+
+    def step_candidates(self, profile: DeviceProfile, batch_size: int) -> list[MethodConfig]:
+        """The step-wide configs the planner may choose on this device and batch."""
+        return []
+
+    def step_effect(self, config: MethodConfig, profile: DeviceProfile, has_batchnorm: bool) -> StepEffect:
+        return StepEffect(risk=int(config.risk))
+
+    def export_(self, model: nn.Module) -> list[str]:
+        """Switch this method's custom autograd off in `model` so that it can be traced (the function
+        computed stays the same); return what was switched off. Class swaps are undone for every
+        method by `set_exportable` itself."""
+        return []
+
+    def unseen_bytes(self, model: nn.Module, config: MethodConfig) -> int:
+        """Bytes a step holds for this method that fake tensors cannot see (added to the estimate)."""
+        return 0
 
     @property
     def per_module(self) -> bool:
@@ -128,6 +207,23 @@ def parse_spec(spec: str) -> MethodConfig:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"method spec '{spec}': {e}") from None
+
+
+def spec_of(config: MethodConfig) -> str:
+    """The spec that parses back to `config`: its name and the options that differ from the
+    defaults, plus those its class always names ('compress:bits=4')."""
+    opts = []
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if f.name in config.spec_keys or v != f.default:
+            opts.append(f"{f.name}={str(v).lower() if isinstance(v, bool) else v}")
+    return config.name + (":" + ",".join(opts) if opts else "")
+
+
+def planned_handlers(scope: str) -> list[MethodHandler]:
+    """The registered handlers the planner chooses with, in registration order ("unit" or "step")."""
+    _load_builtin()
+    return [METHODS.get(n) for n in METHODS if METHODS.get(n).plan_scope == scope]
 
 
 def structural_specs(specs: list[str]) -> list[str]:
@@ -226,8 +322,9 @@ def swap_class_(module: nn.Module, mixin: type) -> nn.Module:
 
 def set_exportable(model: nn.Module) -> list[str]:
     """Switch custom-autograd methods off so that the model can be traced (timm's `set_exportable`):
-    class swaps are undone and reversible chains run as plain layers. The function computed is the
-    same; only what backward keeps changes. Returns the names of the methods switched off."""
+    class swaps are undone, then every registered handler's `export_` switches off the rest. The
+    function computed is the same; only what backward keeps changes. Returns the methods switched off."""
+    _load_builtin()
     off: set[str] = set()
     plain = {swapped: (mixin, base) for (mixin, base), swapped in _SWAPPED.items()}
     for m in model.modules():
@@ -235,14 +332,8 @@ def set_exportable(model: nn.Module) -> list[str]:
             mixin, base = plain[type(m)]
             m.__class__ = base
             off.add(getattr(mixin, "method", mixin.__name__))
-        elif hasattr(type(m), "plain_class"):  # a class set directly (a checkpointed VGG stage)
-            off.add(type(m).method)
-            m.__class__ = type(m).plain_class
-        if hasattr(m, "set_exportable_") and (name := m.set_exportable_()):
-            off.add(name)
-        if getattr(m, "enabled", False) and hasattr(m, "reversible_method"):
-            m.enabled = False
-            off.add("reversible")
+    for name in METHODS:
+        off.update(METHODS.get(name).export_(model))
     return sorted(off)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from edgetrain.methods.base import MethodConfig, MethodHandler, register_method, swap_class_
+from edgetrain.methods.base import MethodConfig, MethodHandler, UnitCost, register_method, swap_class_
 
 # Residual blocks of torchvision's and edgetrain's models: the natural checkpoint unit.
 BLOCK_TYPES = ("BasicBlock", "Bottleneck", "InvertedResidual", "Conv2dNormActivation")
@@ -64,6 +64,17 @@ class _Checkpointed:
 
 class CheckpointHandler(MethodHandler):
     config_type = CheckpointConfig
+    plan_scope = "unit"
+
+    def unit_kind(self, name: str, module: nn.Module) -> str | None:
+        return "block" if self.eligible(name, module, CheckpointConfig()) else None
+
+    def candidates(self, kind: str) -> list[MethodConfig]:
+        return [CheckpointConfig()] if kind == "block" else []
+
+    def seconds(self, config: MethodConfig, unit: UnitCost) -> float:
+        """A second forward of the block in backward."""
+        return unit.flops / (unit.gflops * 1e9)
 
     def eligible(self, name: str, module: nn.Module, config: MethodConfig) -> bool:
         if type(module).__name__ in BLOCK_TYPES:
@@ -82,13 +93,19 @@ class CheckpointHandler(MethodHandler):
             return _checkpoint_stage(module)
         return swap_class_(module, _Checkpointed)
 
+    def export_(self, model: nn.Module) -> list[str]:
+        """Checkpointed stages run as plain `nn.Sequential` (swapped blocks are undone by the base)."""
+        stages = [m for m in model.modules() if type(m) is _CheckpointedStage]
+        for m in stages:
+            m.__class__ = nn.Sequential
+        return ["checkpoint"] if stages else []
+
 
 class _CheckpointedStage(nn.Sequential):
     """A flat stage run as segments that each end after a pooling layer; each segment is
     checkpointed, so backward holds one segment's activations at a time."""
 
     method = "checkpoint"
-    plain_class = nn.Sequential
 
     def forward(self, x):
         if not (self.training and torch.is_grad_enabled()):

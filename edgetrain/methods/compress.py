@@ -16,6 +16,7 @@ block nothing is packed: checkpointing stores nothing there.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from edgetrain.methods import packing
-from edgetrain.methods.base import MethodConfig, MethodHandler, register_method, swap_class_
+from edgetrain.methods.base import MethodConfig, MethodHandler, UnitCost, register_method, swap_class_
 from edgetrain.methods.packing import Packed, decode, encode, pack_mask, unpack_mask
 
 SCHEMES = ("quant", "similar", "none")
@@ -40,6 +41,7 @@ class CompressConfig(MethodConfig):
 
     name: ClassVar[str] = "compress"
     help: ClassVar[str] = "pack saved activations to 8/4/2 bits or base+delta (lossy, ~1/4..1/12 the bytes)"
+    spec_keys: ClassVar[tuple[str, ...]] = ("bits",)
     bits: int = 4
     scheme: str = "quant"
     group: int = 256
@@ -244,8 +246,36 @@ class _Compressed:
             return super().forward(x, *args, **kwargs)
 
 
+PASSES_PER_PACKED_BYTE = 24.0  # read, noise, scale, round, pack, then unpack and rescale: bytes moved / byte saved
+PLANNED_BITS = (8, 4, 2)
+
+
 class CompressHandler(MethodHandler):
     config_type = CompressConfig
+    plan_scope = "unit"
+
+    def unit_kind(self, name: str, module: nn.Module) -> str | None:
+        return "layer" if isinstance(module, LAYER_TYPES) else None
+
+    def candidates(self, kind: str) -> list[MethodConfig]:
+        """8, 4 and 2 bits, on a block (every layer inside) or a layer outside the blocks."""
+        return [CompressConfig(bits=b) for b in PLANNED_BITS]
+
+    def derived_from(self, config: MethodConfig) -> tuple[MethodConfig, ...]:
+        """8 bits from the 4- and 2-bit runs (one fake step fewer)."""
+        return (CompressConfig(bits=4), CompressConfig(bits=2)) if config == CompressConfig(bits=8) else ()
+
+    def derive(self, config: MethodConfig, saved: Mapping[MethodConfig, int]) -> int:
+        """Codes grow linearly with the bits, the metadata does not."""
+        s4, s2 = saved[CompressConfig(bits=4)], saved[CompressConfig(bits=2)]
+        return s4 + 2 * (s4 - s2)
+
+    def keeps_dtype(self, config: MethodConfig) -> bool:
+        return False  # packed codes: their size does not follow the autocast dtype
+
+    def seconds(self, config: MethodConfig, unit: UnitCost) -> float:
+        """Packing traffic: a number of passes over the bytes it would have saved plain."""
+        return PASSES_PER_PACKED_BYTE * unit.saved_plain / (unit.bandwidth_gbs * 1e9)
 
     def eligible(self, name: str, module: nn.Module, config: MethodConfig) -> bool:
         return isinstance(module, LAYER_TYPES)

@@ -79,6 +79,15 @@ class CPConfig(RankRule):
 
 
 class _LowRankHandler(MethodHandler):
+    def export_(self, model: nn.Module) -> list[str]:
+        """Re-fused chains run as their plain convs (traceable)."""
+        off = []
+        for m in model.modules():
+            if isinstance(m, Tucker2Conv2d | CPConv2d) and m.refuse:
+                m.refuse = False
+                off.append("tucker2 refuse" if isinstance(m, Tucker2Conv2d) else "cp refuse")
+        return off
+
     def apply_model(self, model: nn.Module, config: MethodConfig) -> None:
         """The classifier (the last conv or linear) stays dense: its rank is the class count."""
         last = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear) and not _is_factor(m)]

@@ -46,10 +46,6 @@ class Tucker2Conv2d(nn.Module):
             x = self.core(x)  # (N, r_out, Ho, Wo)
         return self.last(x)  # (N, C', Ho, Wo)
 
-    def set_exportable_(self) -> str | None:
-        was, self.refuse = self.refuse, False
-        return "tucker2 refuse" if was else None
-
     def factor_matrices(self) -> list[torch.Tensor]:
         """The matrices ELRT keeps orthonormal (columns), one pair per group: U_in (I/g, r_in/g)
         from `first` and U_out (O/g, r_out/g) from `last`."""
@@ -93,11 +89,6 @@ class CPConv2d(nn.Module):
             with compress_hooks(self):
                 return RefusedCP.apply(x, *ws, self.last.bias, self)
         return self.last(self.horizontal(self.vertical(self.first(x))))
-
-    def set_exportable_(self) -> str | None:
-        """Run as four plain convs (traceable); returns the method switched off, if any."""
-        was, self.refuse = self.refuse, False
-        return "cp refuse" if was else None
 
 
 FACTORIZED = (Tucker2Conv2d, LowRankLinear, CPConv2d)

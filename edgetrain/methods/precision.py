@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from edgetrain.core.step import PRECISIONS, StepSettings
-from edgetrain.methods.base import MethodConfig, MethodHandler, register_method
+from edgetrain.devices.profile import DeviceProfile
+from edgetrain.methods.base import MethodConfig, MethodHandler, StepEffect, register_method
+
+MAX_MICRO_BATCHES = 64  # the finest split the planner tries
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,7 @@ class PrecisionConfig(MethodConfig):
     name: ClassVar[str] = "precision"
     risk: ClassVar[int] = 1
     help: ClassVar[str] = "bf16/fp16 autocast for the whole step (fp16 with a GradScaler)"
+    spec_keys: ClassVar[tuple[str, ...]] = ("dtype",)
     dtype: str = "bf16"
 
     def __post_init__(self) -> None:
@@ -34,6 +39,7 @@ class MicrobatchConfig(MethodConfig):
     name: ClassVar[str] = "microbatch"
     risk: ClassVar[int] = 2
     help: ClassVar[str] = "split the batch and accumulate gradients (BatchNorm stats per micro-batch)"
+    spec_keys: ClassVar[tuple[str, ...]] = ("micro_batches",)
     micro_batches: int = 2
 
     def __post_init__(self) -> None:
@@ -43,6 +49,22 @@ class MicrobatchConfig(MethodConfig):
 
 class PrecisionHandler(MethodHandler):
     config_type = PrecisionConfig
+    plan_scope = "step"
+
+    def step_candidates(self, profile: DeviceProfile, batch_size: int) -> list[MethodConfig]:
+        """bf16 where the device has it, else fp16 where it is clearly faster than fp32."""
+        if profile.bf16_supported:
+            return [PrecisionConfig("bf16")]
+        return [PrecisionConfig("fp16")] if profile.fp16_gflops > 1.2 * profile.fp32_gflops else []
+
+    def step_effect(self, config: MethodConfig, profile: DeviceProfile, has_batchnorm: bool) -> StepEffect:
+        half = profile.fp16_gflops or profile.fp32_gflops
+        return StepEffect(
+            activation_scale=0.5,
+            time_factor=0.5 + 0.5 * profile.fp32_gflops / half,  # the compute share speeds up, traffic halves
+            risk=config.risk,
+            reason=f"{config.dtype}: the device computes it faster and saved activations halve",  # type: ignore[attr-defined]
+        )
 
     def step_settings(self, settings: StepSettings, config: MethodConfig) -> StepSettings:
         return replace(settings, precision=config.dtype)  # type: ignore[attr-defined]
@@ -50,6 +72,20 @@ class PrecisionHandler(MethodHandler):
 
 class MicrobatchHandler(MethodHandler):
     config_type = MicrobatchConfig
+    plan_scope = "step"
+
+    def step_candidates(self, profile: DeviceProfile, batch_size: int) -> list[MethodConfig]:
+        top = int(math.log2(min(batch_size, MAX_MICRO_BATCHES)))
+        return [MicrobatchConfig(2**i) for i in range(1, top + 1)]
+
+    def step_effect(self, config: MethodConfig, profile: DeviceProfile, has_batchnorm: bool) -> StepEffect:
+        k = config.micro_batches  # type: ignore[attr-defined]
+        return StepEffect(
+            batch_divisor=k,
+            time_factor=1 + 0.03 * math.log2(k),
+            risk=config.risk if has_batchnorm else 0,  # BatchNorm sees 1/k of the batch
+            reason=f"{k} micro-batches: activations of 1/{k} of the batch at a time",
+        )
 
     def step_settings(self, settings: StepSettings, config: MethodConfig) -> StepSettings:
         return replace(settings, micro_batches=config.micro_batches)  # type: ignore[attr-defined]

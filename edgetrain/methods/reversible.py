@@ -239,8 +239,6 @@ def _autocast(x, state):
 class ReversibleSequence(nn.Module):
     """A chain of couplings and invertible downsamplings whose activations are not stored."""
 
-    reversible_method = True  # `set_exportable` turns `enabled` off
-
     def __init__(self, blocks: list[nn.Module], check_every: int = 0, tolerance: float = 1e-3, enabled: bool = True):
         super().__init__()
         for i, block in enumerate(blocks):
@@ -341,6 +339,13 @@ class ReversibleHandler(MethodHandler):
                 out.append(children[i])
                 i += 1
         return nn.Sequential(*out)
+
+    def export_(self, model: nn.Module) -> list[str]:
+        """Chains run their couplings as plain layers (activations stored, traceable)."""
+        chains = [m for m in model.modules() if isinstance(m, ReversibleSequence) and m.enabled]
+        for m in chains:
+            m.enabled = False
+        return ["reversible"] if chains else []
 
 
 def _runs(seq: nn.Sequential) -> list[tuple[int, int]]:

@@ -15,9 +15,16 @@ from edgetrain.core.step import StepSpec
 from edgetrain.devices.profile import DeviceProfile
 from edgetrain.devices.store import get_device
 from edgetrain.memory.measure import model_counts
-from edgetrain.memory.predict import check_args, check_budget, check_input_size, num_classes_of, predict_step
+from edgetrain.memory.predict import (
+    Prediction,
+    check_args,
+    check_budget,
+    check_input_size,
+    num_classes_of,
+    predict_step,
+)
 from edgetrain.memory.tracker import MemoryReport
-from edgetrain.methods.base import MethodConfig, parse_spec, prepare
+from edgetrain.methods.base import MethodConfig, handler_for, parse_spec, prepare
 
 
 @dataclass
@@ -30,7 +37,7 @@ class Estimate:
     optimizer: str
     device: str | None
     methods: list[str]
-    predicted: dict[str, Any]
+    predicted: Prediction
     budget_bytes: int | None = None
     measured: dict[str, Any] | None = None
     skipped: list[str] = field(default_factory=list)  # methods dropped: no eligible layer (skip_unused)
@@ -42,10 +49,11 @@ class Estimate:
     def fits(self) -> bool | None:
         if self.budget_bytes is None:
             return None
-        return self.predicted["peak_device_bytes"] <= self.budget_bytes
+        return self.predicted.peak_device_bytes <= self.budget_bytes
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "report"}
+        out["predicted"] = self.predicted.to_dict()
         out["input_shape"] = list(self.input_shape)
         out["fits"] = self.fits
         return out
@@ -73,7 +81,8 @@ def estimate(
     unused = "drop" if skip_unused else "error"
     prepared, configs, settings = prepare(model, list(methods), shapes_only=True, unused=unused, name=name)
     spec = StepSpec(tuple(input_shape), batch_size, num_classes or num_classes_of(model), optimizer, settings)
-    report, predicted = predict_step(prepared, spec, profile, name)
+    unseen = sum(handler_for(c).unseen_bytes(prepared, c) for c in configs)
+    report, predicted = predict_step(prepared, spec, profile, name, unseen)
     skipped = [m if isinstance(m, str) else m.name for m in methods
                if (parse_spec(m) if isinstance(m, str) else m).for_shapes() not in configs]  # fmt: skip
     return Estimate(

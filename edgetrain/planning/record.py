@@ -18,6 +18,7 @@ from torch import nn
 
 from edgetrain.core.step import StepSettings
 from edgetrain.errors import ConfigError, EdgetrainError
+from edgetrain.memory.predict import Prediction
 from edgetrain.methods.base import apply_method_, handler_for, parse_spec, step_settings_for
 
 PLAN_VERSION = 2
@@ -36,7 +37,7 @@ class Plan:
     optimizer: str = "sgd"
     device: str | None = None
     budget_bytes: int | None = None
-    predicted: dict[str, Any] = field(default_factory=dict)
+    predicted: Prediction | None = None
     overhead: float = 1.0
     risk: int = 0
     reasons: list[str] = field(default_factory=list)
@@ -80,7 +81,7 @@ class Plan:
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
         try:
-            plan = cls(**doc)
+            plan = cls(**{**doc, "predicted": Prediction.from_dict(doc["predicted"]) if doc.get("predicted") else None})
             for spec in [*plan.methods, *plan.layers.values()]:
                 parse_spec(str(spec))  # unknown methods and bad options fail here, before training
         except (TypeError, AttributeError) as e:

@@ -1,7 +1,9 @@
 """`plan_for()`: the configuration that fits the device at the least cost.
 
-Per unit (block or leftover layer) one option among plain, checkpoint and compression at 8/4/2
-bits; step-wide a precision and a number of micro-batches. For each step-wide setting the
+Per unit (block or leftover layer) one option among plain and what the registered per-unit
+methods offer there; step-wide, one config or none from each registered step-wide method. The
+planner reads them through the handler protocol (methods/base.py) and names none of them. For
+each step-wide setting the
 per-unit choice is a multiple-choice knapsack (saved bytes against the activation budget,
 cost = predicted time overhead + risk weight), solved exactly by dynamic programming over
 byte buckets. The cheapest setting's plan is then verified with an exact fake-tensor estimate;
@@ -23,28 +25,51 @@ from edgetrain.devices.profile import DeviceProfile
 from edgetrain.devices.store import get_device
 from edgetrain.errors import BudgetError, ConfigError
 from edgetrain.memory.predict import num_classes_of
-from edgetrain.methods.base import parse_spec, prepare, structural_specs
+from edgetrain.methods.base import (
+    METHODS,
+    MethodConfig,
+    StepEffect,
+    handler_for,
+    list_methods,
+    parse_spec,
+    planned_handlers,
+    prepare,
+    spec_of,
+    structural_specs,
+)  # fmt: skip
 from edgetrain.planning.estimate import Estimate, estimate
 from edgetrain.planning.record import Plan, apply_plan_, param_shapes
-from edgetrain.planning.units import UnitTable, has_batchnorm, option_seconds, step_seconds, unit_table
+from edgetrain.planning.units import Option, Unit, UnitTable, has_batchnorm, option_seconds, step_seconds, unit_table
 
 PREFER = {"speed": 0.05, "accuracy": 2.0}  # weight of one risk rank against a 100% time overhead
 BUCKETS = 512
-MAX_MICRO_BATCHES = 64
 MiB = 2**20
 
 
 @dataclass(frozen=True)
 class StepWide:
-    precision: str = "fp32"
-    micro_batches: int = 1
+    """One step-wide setting: a config (or none) from each step-wide method, with their effects."""
+
+    configs: tuple[MethodConfig, ...] = ()
+    effects: tuple[StepEffect, ...] = ()
 
     def methods(self) -> list[str]:
-        out = [] if self.precision == "fp32" else [f"precision:dtype={self.precision}"]
-        return out + ([f"microbatch:micro_batches={self.micro_batches}"] if self.micro_batches > 1 else [])
+        return [spec_of(c) for c in self.configs]
 
     def label(self) -> str:
-        return "+".join(self.methods()) or "fp32"
+        return "+".join(self.methods()) or "no step-wide method"
+
+    @property
+    def divisor(self) -> int:
+        """Activations are held for 1/divisor of the batch at a time."""
+        return math.prod(e.batch_divisor for e in self.effects)
+
+    def activations(self, nbytes: int, keeps_dtype: bool = True) -> int:
+        """Saved bytes under this setting (dtype-keeping ones scale with the precision)."""
+        for e in self.effects:
+            if keeps_dtype and e.activation_scale != 1.0:
+                nbytes = int(nbytes * e.activation_scale)
+        return nbytes // self.divisor
 
 
 def knapsack(
@@ -89,18 +114,20 @@ def brute_force(items: list[list[tuple[int, float]]], capacity: int, buckets: in
     return best
 
 
-def step_wide_options(profile: DeviceProfile, batch_size: int) -> list[StepWide]:
-    precisions = ["fp32"]
-    if profile.bf16_supported:
-        precisions.append("bf16")
-    elif profile.fp16_gflops > 1.2 * profile.fp32_gflops:
-        precisions.append("fp16")
-    mbs = [2**i for i in range(int(math.log2(min(batch_size, MAX_MICRO_BATCHES))) + 1)]
-    return [StepWide(p, k) for p in precisions for k in mbs]
+def step_wide_options(profile: DeviceProfile, batch_size: int, has_bn: bool = True) -> list[StepWide]:
+    """Every combination of one config or none per step-wide method (registration order: the
+    first varies slowest), from no change at all to every method at its most saving."""
+    per_method = [[None, *h.step_candidates(profile, batch_size)] for h in planned_handlers("step")]
+    out = []
+    for combo in itertools.product(*per_method):
+        configs = tuple(c for c in combo if c is not None)
+        effects = tuple(handler_for(c).step_effect(c, profile, has_bn) for c in configs)
+        out.append(StepWide(configs, effects))
+    return out
 
 
-def _risk(option: str) -> int:
-    return 0 if option in ("plain", "checkpoint") else parse_spec(option).risk
+def _risk(option: Option) -> int:
+    return 0 if option is None else int(option.risk)
 
 
 class Planner:
@@ -111,38 +138,36 @@ class Planner:
         self.plain = plain
         self.table: UnitTable = unit_table(model, spec)
         self.t0 = step_seconds(self.table, profile)
-        self.total_saved = sum(u.saved["plain"] for u in self.table.units) or 1
+        self.total_saved = sum(u.saved[None] for u in self.table.units) or 1
         # the device level over the tensor level (allocator rounding and fragmentation), from plain
         self.workspace = profile.workspace_bytes
         self.device_ratio = max(
-            1.0, (plain.predicted["peak_device_bytes"] - self.workspace) / plain.predicted["peak_total_bytes"]
+            1.0, (plain.predicted.peak_device_bytes - self.workspace) / plain.predicted.peak_total_bytes
         )
         self.has_bn = has_batchnorm(model)
 
-    def _saved(self, option: str, unit, g: StepWide) -> int:
-        s = unit.saved[option]
-        if g.precision != "fp32" and option in ("plain", "checkpoint"):
-            s //= 2
-        return s // g.micro_batches
+    def _saved(self, option: Option, unit: Unit, g: StepWide) -> int:
+        keeps = option is None or handler_for(option).keeps_dtype(option)
+        return g.activations(unit.saved[option], keeps)
 
-    def _items(self, g: StepWide, budget: int) -> tuple[list[list[str]], list[list[tuple[int, float]]]]:
+    def _items(self, g: StepWide, budget: int) -> tuple[list[list[Option]], list[list[tuple[int, float]]]]:
         opts, items = [], []
         for u in self.table.units:
-            allowed = [o for o in u.options() if self._floor(o, g) <= budget]
+            allowed = [o for o in u.options if self._floor(o, g) <= budget]
             opts.append(allowed)
             items.append([(self._saved(o, u, g), self._cost(u, o)) for o in allowed])
         return opts, items
 
-    def _cost(self, unit, option: str) -> float:
-        share = unit.saved["plain"] / self.total_saved
+    def _cost(self, unit: Unit, option: Option) -> float:
+        share = unit.saved[None] / self.total_saved
         return option_seconds(unit, option, self.profile) / self.t0 + self.weight * _risk(option) * share
 
-    def _floor(self, option: str, g: StepWide) -> int:
+    def _floor(self, option: Option, g: StepWide) -> int:
         """A peak no plan using `option` goes below (the all-`option` run's, when above its linear model)."""
-        if option == "plain" or option not in self.table.peaks:
+        if option is None or option not in self.table.peaks:
             return 0
         fixed = self.table.fixed_bytes
-        return self.device_bytes(fixed + max(0, self.table.peaks[option] - fixed) // g.micro_batches)
+        return self.device_bytes(fixed + max(0, self.table.peaks[option] - fixed) // g.divisor)
 
     def device_bytes(self, tensor_bytes: int) -> int:
         return int(tensor_bytes * self.device_ratio) + self.workspace
@@ -152,27 +177,18 @@ class Planner:
 
     def global_cost(self, g: StepWide) -> tuple[float, float]:
         """(cost, time factor) of a step-wide setting."""
-        factor = 1.0
-        risk = 0
-        if g.precision != "fp32":
-            half = self.profile.fp16_gflops or self.profile.fp32_gflops
-            factor *= 0.5 + 0.5 * self.profile.fp32_gflops / half  # compute share speeds up, traffic halves
-            risk += 1
-        if g.micro_batches > 1:
-            factor *= 1 + 0.03 * math.log2(g.micro_batches)
-            risk += 2 if self.has_bn else 0
+        factor = math.prod(e.time_factor for e in g.effects)
+        risk = sum(e.risk for e in g.effects)
         return factor - 1 + self.weight * risk, factor
 
-    def solve(self, g: StepWide, budget: int) -> tuple[dict[str, str], float, float] | None:
+    def solve(self, g: StepWide, budget: int) -> tuple[dict[str, Option], float, float] | None:
         """Per-unit options under setting `g` whose modelled device peak fits `budget`:
         ({unit: option}, cost, predicted time factor); None when none does."""
-        plain_act = self.plain.predicted["peak_total_bytes"] - self.table.fixed_bytes
+        plain_act = self.plain.predicted.peak_total_bytes - self.table.fixed_bytes
         act_budget = self.tensor_bytes(budget) - self.table.fixed_bytes
-        base_act = plain_act // g.micro_batches
-        if g.precision != "fp32":
-            base_act //= 2
+        base_act = g.activations(plain_act)
         opts, items = self._items(g, budget)
-        plain_saved = sum(self._saved("plain", u, g) for u in self.table.units)
+        plain_saved = sum(self._saved(None, u, g) for u in self.table.units)
         # linear model: act = base_act - plain_saved + sum(saved of choice) <= act_budget
         got = knapsack(items, act_budget - base_act + plain_saved)
         if got is None:
@@ -183,9 +199,9 @@ class Planner:
         gcost, factor = self.global_cost(g)
         return chosen, cost + gcost, factor * (1 + extra)
 
-    def to_plan(self, g: StepWide, chosen: dict[str, str]) -> Plan:
+    def to_plan(self, g: StepWide, chosen: dict[str, Option]) -> Plan:
         mods = dict(self.model.named_modules())
-        layers = {n: o for n, o in chosen.items() if o != "plain"}
+        layers = {n: spec_of(o) for n, o in chosen.items() if o is not None}
         return Plan(methods=g.methods(), layers=layers, shapes={n: param_shapes(mods[n]) for n in layers})
 
 
@@ -204,20 +220,24 @@ def plan_for(
     """The least-cost plan whose predicted device peak fits `device` (or `budget_bytes`).
 
     Plain when the model fits as it is; `BudgetError` with the smallest reachable peak and what
-    would make it fit when nothing does. `methods`: low-rank methods (tucker2, cp, partial) the
-    user chose; they are applied first and the search plans the factorized model."""
+    would make it fit when nothing does. `methods`: structural methods (low-rank layers) the user
+    chose; they are applied first and the search plans the factorized model."""
     if prefer not in PREFER:
         raise ConfigError(f"--prefer must be speed or accuracy, got {prefer!r}")
     profile = get_device(device)
     for spec in methods:
         if spec not in structural_specs([spec]):
             raise ConfigError(f"method '{spec}' is one the planner chooses itself: give only low-rank "
-                              "methods (tucker2, cp, partial), or force everything with fit --method")  # fmt: skip
+                              f"methods ({', '.join(_structural())}), or force everything with fit --method")  # fmt: skip
     if methods:
         model = prepare(model, list(methods), shapes_only=True)[0]
     base = " + ".join(methods) or "plain"
     chosen = _search(model, input_shape, batch_size, profile, optimizer, prefer, name, num_classes, budget_bytes, base)
     return _with_low_rank(chosen, list(methods)) if methods else chosen
+
+
+def _structural() -> list[str]:
+    return [n for n in list_methods() if METHODS.get(n).config_type.structural]
 
 
 def _with_low_rank(chosen: Plan, methods: list[str]) -> Plan:
@@ -240,9 +260,9 @@ def _search(model, input_shape, batch_size, profile, optimizer, prefer, name, nu
     plain = estimate(model, input_shape, batch_size, optimizer, profile, [], num_classes, name)
     doc = Plan(model=name, input_shape=list(input_shape), batch_size=batch_size, optimizer=optimizer,
                device=profile.name, budget_bytes=budget)  # fmt: skip
-    row = {"plan": base, "peak_device_bytes": plain.predicted["peak_device_bytes"], "overhead": 1.0, "risk": 0,
-           "peak_by_category": plain.predicted["peak_by_category"]}  # fmt: skip
-    if plain.predicted["peak_device_bytes"] <= budget:
+    row = {"plan": base, "peak_device_bytes": plain.predicted.peak_device_bytes, "overhead": 1.0, "risk": 0,
+           "peak_by_category": plain.predicted.peak_by_category}  # fmt: skip
+    if plain.predicted.peak_device_bytes <= budget:
         row["fits"] = row["chosen"] = True
         why = (
             "fits as it is: no method, no overhead"
@@ -254,7 +274,7 @@ def _search(model, input_shape, batch_size, profile, optimizer, prefer, name, nu
     spec = StepSpec(tuple(input_shape), batch_size, num_classes or num_classes_of(model), optimizer)
     planner = Planner(model, spec, profile, prefer, plain)
     rows, found = [row], []
-    for g in step_wide_options(profile, batch_size):
+    for g in step_wide_options(profile, batch_size, planner.has_bn):
         got = planner.solve(g, budget)
         if got is None:
             rows.append({"plan": g.label() + " (nothing fits)", "fits": False})
@@ -286,7 +306,7 @@ def _verify(planner: Planner, g: StepWide, got: tuple, budget: int, args: tuple)
         chosen, _, factor = got
         cand = planner.to_plan(g, chosen)
         est = estimate_plan(args[0], cand, *args[1:])
-        over = est.predicted["peak_device_bytes"] - budget
+        over = est.predicted.peak_device_bytes - budget
         if over <= 0:
             return cand, est, factor
         target -= over + budget // 100
@@ -314,24 +334,21 @@ def _plan_risk(p: Plan) -> int:
 
 
 def _row(p: Plan, est: Estimate, factor: float, fits: bool) -> dict:
-    return {"plan": p.summary(), "peak_device_bytes": est.predicted["peak_device_bytes"], "overhead": factor,
+    return {"plan": p.summary(), "peak_device_bytes": est.predicted.peak_device_bytes, "overhead": factor,
             "risk": _plan_risk(p), "fits": fits}  # fmt: skip
 
 
 def _reasons(planner: Planner, g: StepWide, p: Plan, est: Estimate, budget: int, base: str) -> list[str]:
     alone = "plain" if base == "plain" else f"{base} alone"
-    out = [f"{alone} needs {planner.plain.predicted['peak_device_bytes'] / MiB:.0f} MiB, over the budget of "
-           f"{budget / MiB:.0f} MiB; this plan: {est.predicted['peak_device_bytes'] / MiB:.0f} MiB"]  # fmt: skip
-    if g.precision != "fp32":
-        out.append(f"{g.precision}: the device computes it faster and saved activations halve")
-    if g.micro_batches > 1:
-        out.append(f"{g.micro_batches} micro-batches: activations of 1/{g.micro_batches} of the batch at a time")
+    out = [f"{alone} needs {planner.plain.predicted.peak_device_bytes / MiB:.0f} MiB, over the budget of "
+           f"{budget / MiB:.0f} MiB; this plan: {est.predicted.peak_device_bytes / MiB:.0f} MiB"]  # fmt: skip
+    out += [e.reason for e in g.effects if e.reason]
     for u in planner.table.units:
-        o = p.layers.get(u.name, "plain")
-        if o != "plain":
+        if u.name in p.layers:
+            o = parse_spec(p.layers[u.name])
             cost = option_seconds(u, o, planner.profile) / planner.t0
-            out.append(f"{u.name}: {o} keeps {planner._saved(o, u, g) / MiB:.1f} of "
-                       f"{planner._saved('plain', u, g) / MiB:.1f} MiB for +{cost:.1%} time")  # fmt: skip
+            out.append(f"{u.name}: {p.layers[u.name]} keeps {planner._saved(o, u, g) / MiB:.1f} of "
+                       f"{planner._saved(None, u, g) / MiB:.1f} MiB for +{cost:.1%} time")  # fmt: skip
     return out
 
 
@@ -344,21 +361,24 @@ def _finish(doc: Plan, chosen: Plan, est: Estimate, factor: float, rows: list[di
 
 def _not_fit(planner, model, input_shape, batch_size, optimizer, profile, num_classes, name, budget) -> BudgetError:
     """The smallest peak reachable (everything at its most saving, finest micro-batches), and advice."""
-    g = step_wide_options(profile, batch_size)[-1]
-    least = {u.name: min(u.options(), key=lambda o, u=u: planner._saved(o, u, g)) for u in planner.table.units}
+    g = step_wide_options(profile, batch_size, planner.has_bn)[-1]
+    least = {u.name: min(u.options, key=lambda o, u=u: planner._saved(o, u, g)) for u in planner.table.units}
     p = planner.to_plan(g, least)
     est = estimate_plan(model, p, input_shape, batch_size, optimizer, profile, num_classes, name)
-    peak = est.predicted["peak_device_bytes"]
+    peak = est.predicted.peak_device_bytes
     fixed = planner.table.fixed_bytes + planner.workspace  # weights, gradients, optimizer state, workspace
-    advice = "use a smaller model or a low-rank one (--method tucker2), sgd instead of adamw, or freeze layers (the weights, gradients and optimizer state alone do not fit)"
+    advice = (
+        f"use a smaller model, change its layers (--method: one of {', '.join(_structural())}), a lighter "
+        "optimizer, or train fewer layers (the weights, gradients and optimizer state alone do not fit)"
+    )
     if fixed < budget:
         per_sample = max(
-            1.0, (peak - fixed) / max(1.0, batch_size / g.micro_batches)
+            1.0, (peak - fixed) / max(1.0, batch_size / g.divisor)
         )  # activations scale with the micro-batch
         fit_micro = int((budget - fixed) / per_sample)
         size = int(input_shape[-1] * math.sqrt(max(0.0, (budget - fixed) / max(1, peak - fixed))))
         advice = (
-            f"try -b {fit_micro * g.micro_batches} (predicted to fit with that plan)"
+            f"try -b {fit_micro * g.divisor} (predicted to fit with that plan)"
             if fit_micro >= 1
             else f"try -s {max(size // 8 * 8, 8)} (predicted to fit with that plan)"
         )

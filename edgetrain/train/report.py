@@ -29,7 +29,7 @@ def write_report(recipe, ev: Evaluation) -> dict[str, Any]:
         "learned": ev.learned(), "chance_accuracy": ev.chance, "classes": recipe.data.classes,
         "per_class_accuracy": ev.per_class_accuracy, "confusion": ev.confusion, "recoveries": recipe.recoveries,
         "accuracy_by_epoch": [h["test_accuracy"] for h in evals],
-        "predicted_peak_bytes": est.predicted["peak_total_bytes"], "predicted_device_bytes": est.predicted["peak_device_bytes"],
+        "predicted_peak_bytes": est.predicted.peak_total_bytes, "predicted_device_bytes": est.predicted.peak_device_bytes,
         "measured_peak_bytes": recipe.measured_peak, "budget_bytes": est.budget_bytes,
         "median_step_seconds": median_step_time(recipe.step_times), "config": vars(cfg),
         "skipped_images": len(recipe.data.skipped),  # the files: skipped_images.txt
@@ -42,7 +42,7 @@ def write_report(recipe, ev: Evaluation) -> dict[str, Any]:
     plot_confusion(ev, recipe.data.classes, out / "confusion.png", f"{cfg.model} on {cfg.data}: test confusion")
     plot_curves(recipe.history, out / "curves.png", f"{cfg.model} on {cfg.data} ({recipe.plan.summary()})")
     plot_timeline(est.report, out / "memory.png", f"{cfg.model} b{cfg.batch_size} on {recipe.profile.name}",
-                  est.budget_bytes, est.predicted["peak_device_bytes"])  # fmt: skip
+                  est.budget_bytes, est.predicted.peak_device_bytes)  # fmt: skip
     return report
 
 

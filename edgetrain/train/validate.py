@@ -35,16 +35,16 @@ def compare_case(
     meas = measure_in_subprocess(req)
     p = est.predicted
     measured_process = meas.get("cuda_max_reserved_bytes", meas["peak_rss_bytes"])
-    predicted_process = p["peak_process_bytes"] if "cuda_max_reserved_bytes" not in meas else p["peak_device_bytes"]
+    predicted_process = p.peak_process_bytes if "cuda_max_reserved_bytes" not in meas else p.peak_device_bytes
     return {
         "model": model,
         "batch": batch_size,
         "size": size,
         "methods": "+".join(methods) or "plain",
-        "pred_tensor": p["peak_total_bytes"],
+        "pred_tensor": p.peak_total_bytes,
         "meas_tensor": meas["peak_total_bytes"],
-        "tensor_err": p["peak_total_bytes"] / meas["peak_total_bytes"] - 1,
-        "pred_saved": p["saved_activation_bytes"],
+        "tensor_err": p.peak_total_bytes / meas["peak_total_bytes"] - 1,
+        "pred_saved": p.saved_activation_bytes,
         "meas_saved": meas["saved_activation_bytes"],
         "pred_process": predicted_process,
         "meas_process": measured_process,

@@ -23,7 +23,7 @@ def _hlines(ax) -> dict[str, float]:
 
 
 def test_far_under_budget_the_budget_is_written_not_drawn(est):
-    device = est.predicted["peak_device_bytes"]
+    device = est.predicted.peak_device_bytes
     fig = timeline_figure(est.report, "t", est.budget_bytes, device)
     ax = fig.axes[0]
     lines = _hlines(ax)
@@ -37,7 +37,7 @@ def test_far_under_budget_the_budget_is_written_not_drawn(est):
 
 
 def test_near_the_budget_both_lines_are_drawn_and_the_budget_is_against_the_device_level(est):
-    device = est.predicted["peak_device_bytes"]
+    device = est.predicted.peak_device_bytes
     budget = int(device * 1.1)
     ax = timeline_figure(est.report, "t", budget, device).axes[0]
     lines = _hlines(ax)
@@ -51,12 +51,12 @@ def test_plan_figure_marks_each_bars_device_level():
     from edgetrain.planning import plan_for
 
     model = create_model("cifar_resnet8")
-    plain = estimate(model, (3, 32, 32), 64, device="cpu").predicted["peak_device_bytes"]
+    plain = estimate(model, (3, 32, 32), 64, device="cpu").predicted.peak_device_bytes
     plan = plan_for(model, (3, 32, 32), 64, "cpu", name="cifar_resnet8", budget_bytes=int(0.8 * plain))
     assert not plan.is_plain
     ax = plan_figure(plan).axes[0]
     ys = sorted(seg[0][1] for c in ax.collections if hasattr(c, "get_segments") for seg in c.get_segments())
-    want = sorted([plan.candidates[0]["peak_device_bytes"] / MIB, plan.predicted["peak_device_bytes"] / MIB])
+    want = sorted([plan.candidates[0]["peak_device_bytes"] / MIB, plan.predicted.peak_device_bytes / MIB])
     assert ys == pytest.approx(want)
     assert ax.get_legend().get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1  # outside the bars
 

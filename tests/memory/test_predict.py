@@ -29,7 +29,7 @@ def test_estimate_resnet18_b128_224_is_fast_and_allocates_nothing():
         "import time, json; from edgetrain.planning.estimate import estimate;"
         "from edgetrain.models import create_model; m = create_model('resnet18'); t = time.perf_counter();"
         "e = estimate(m, (3, 224, 224), 128); dt = time.perf_counter() - t; from edgetrain.memory.process import peak_rss_bytes;"
-        "print(json.dumps([dt, e.predicted['peak_total_bytes'], peak_rss_bytes()]))"
+        "print(json.dumps([dt, e.predicted.peak_total_bytes, peak_rss_bytes()]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     seconds, predicted, maxrss = json.loads(out.stdout)
@@ -50,7 +50,7 @@ def test_guard_plain_resnet18_does_not_fit_gtx750_but_runs_under_a_large_budget(
     opt.zero_grad(set_to_none=True)
     with BudgetGuard(4 * 2**30, model=model, optimizer=opt, tensors=(x, y)) as g:
         train_step(model, x, y, opt)
-    assert est.predicted["peak_total_bytes"] * 0.9 < g.report().peak_bytes <= 4 * 2**30
+    assert est.predicted.peak_total_bytes * 0.9 < g.report().peak_bytes <= 4 * 2**30
 
 
 def test_cuda_allocator_model():

@@ -75,8 +75,8 @@ def test_measured_saved_bytes_shrink_by_the_stated_factor(spec, limit):
     comp = tracked_step(prepare(model, [spec])[0], spec_, fake=False)
     assert comp.saved_activation_bytes < limit * plain
     predicted = estimate(model, (3, 32, 32), 8, methods=[spec]).predicted
-    assert predicted["saved_activation_bytes"] == pytest.approx(comp.saved_activation_bytes, rel=0.05)
-    assert predicted["peak_total_bytes"] == pytest.approx(comp.peak_bytes, rel=0.05)
+    assert predicted.saved_activation_bytes == pytest.approx(comp.saved_activation_bytes, rel=0.05)
+    assert predicted.peak_total_bytes == pytest.approx(comp.peak_bytes, rel=0.05)
 
 
 def test_a_tensor_saved_twice_is_packed_once_and_parameters_never():

@@ -12,8 +12,9 @@ from torch import nn
 from edgetrain.core.step import StepSpec, make_optimizer, train_step
 from edgetrain.errors import ConfigError
 from edgetrain.memory.measure import flop_hooks, tracked_step
+from edgetrain.methods import decompose as dc
 from edgetrain.methods import factorize as fz
-from edgetrain.methods import lowrank as lr
+from edgetrain.methods import lowrank_layers as ll
 from edgetrain.methods.base import apply_method_, parse_spec, prepare, set_exportable
 from edgetrain.planning import Plan, apply_plan_
 from edgetrain.planning.estimate import estimate
@@ -36,7 +37,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_full_rank_tucker2_reproduces_the_conv(variant):
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 32, **VARIANTS[variant])
-    new = lr.tucker2_conv(conv, parse_spec("tucker2:rank=1000"))
+    new = dc.tucker2_conv(conv, parse_spec("tucker2:rank=1000"))
     x = torch.randn(2, 16, 13, 11)
     assert _rel(new(x), conv(x)) <= 1e-4
     assert new.conversion["weight_error"] <= 1e-5
@@ -45,7 +46,7 @@ def test_full_rank_tucker2_reproduces_the_conv(variant):
 def test_tucker2_keeps_reflect_padding():
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect")
-    new = lr.tucker2_conv(conv, parse_spec("tucker2:rank=16"))
+    new = dc.tucker2_conv(conv, parse_spec("tucker2:rank=16"))
     x = torch.randn(2, 16, 9, 9)
     assert _rel(new(x), conv(x)) <= 1e-4
 
@@ -53,7 +54,7 @@ def test_tucker2_keeps_reflect_padding():
 def test_full_rank_linear_reproduces_the_layer():
     torch.manual_seed(0)
     lin = nn.Linear(64, 40)
-    new = lr.lowrank_linear(lin, parse_spec("tucker2:rank=64"))
+    new = dc.lowrank_linear(lin, parse_spec("tucker2:rank=64"))
     x = torch.randn(5, 64)
     assert _rel(new(x), lin(x)) <= 1e-4
 
@@ -63,10 +64,10 @@ def test_cp_chain_computes_its_dense_kernel(variant):
     """kx1 dw . 1xk dw with split stride/padding/dilation is exactly a conv with the CP kernel."""
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 32, **VARIANTS[variant])
-    new = lr.cp_conv(conv, parse_spec("cp:rank=24,iters=3"))
+    new = dc.cp_conv(conv, parse_spec("cp:rank=24,iters=3"))
     x = torch.randn(2, 16, 13, 11)
     ref = nn.functional.conv2d(
-        x, lr.dense_weight(new), new.last.bias, conv.stride, conv.padding, conv.dilation, conv.groups
+        x, ll.dense_weight(new), new.last.bias, conv.stride, conv.padding, conv.dilation, conv.groups
     )
     assert _rel(new(x), ref) <= 1e-5
 
@@ -77,7 +78,7 @@ def test_cp_als_recovers_an_exact_low_rank_kernel():
     conv = nn.Conv2d(16, 24, 3, padding=1)
     with torch.no_grad():
         conv.weight.copy_(fz.cp_rebuild(factors))
-    new = lr.cp_conv(conv, parse_spec("cp:rank=6,iters=200"))
+    new = dc.cp_conv(conv, parse_spec("cp:rank=6,iters=200"))
     x = torch.randn(2, 16, 8, 8)
     assert new.conversion["weight_error"] <= 1e-4
     assert _rel(new(x), conv(x)) <= 1e-4
@@ -119,9 +120,9 @@ def test_classifier_and_stem_stay_dense():
 
     model = prepare(create_model("cifar_resnet20", 10), ["tucker2"])[0]
     assert isinstance(model.stem[0], nn.Conv2d) and isinstance(model.fc, nn.Linear)
-    assert sum(isinstance(m, lr.Tucker2Conv2d) for m in model.modules()) == 20  # 18 3x3 + 2 1x1 shortcuts
+    assert sum(isinstance(m, ll.Tucker2Conv2d) for m in model.modules()) == 20  # 18 3x3 + 2 1x1 shortcuts
     again = prepare(model, ["tucker2"])[0]  # nothing left to factorize: the parts are never factorized
-    assert sum(isinstance(m, lr.Tucker2Conv2d) for m in again.modules()) == 20
+    assert sum(isinstance(m, ll.Tucker2Conv2d) for m in again.modules()) == 20
 
 
 def _tiny_vgg() -> nn.Module:
@@ -137,7 +138,7 @@ def test_refused_cp_equals_unfused_with_fewer_bytes(recompute):
     unfused = prepare(_tiny_vgg(), ["cp:ratio=0.5,iters=3"])[0]
     refused = copy.deepcopy(unfused)
     for m in refused.modules():
-        if isinstance(m, lr.CPConv2d):
+        if isinstance(m, ll.CPConv2d):
             m.refuse, m.recompute = True, recompute
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     outs, grads = [], []
@@ -157,7 +158,7 @@ def test_refused_cp_equals_unfused_with_fewer_bytes(recompute):
 def test_partial_update_leaves_frozen_factors_bitwise_unchanged():
     torch.manual_seed(0)
     model = prepare(_tiny_vgg(), ["tucker2:ratio=0.5", "partial:factor=core"])[0]
-    layers = [m for m in model.modules() if isinstance(m, lr.Tucker2Conv2d)]
+    layers = [m for m in model.modules() if isinstance(m, ll.Tucker2Conv2d)]
     before = {id(p): p.detach().clone() for m in layers for p in (m.first.weight, m.core.weight, m.last.weight)}
     opt = make_optimizer("sgd", model.parameters(), lr=0.1)
     for _ in range(3):
@@ -173,7 +174,7 @@ def test_partial_update_gradients_match_plain_autograd():
     full = prepare(_tiny_vgg(), ["tucker2:ratio=0.5"])[0]
     part = prepare(full, ["partial:factor=last"])[0]
     for m in full.modules():  # the same freezing, without the input-free Function
-        if isinstance(m, lr.Tucker2Conv2d):
+        if isinstance(m, ll.Tucker2Conv2d):
             m.first.weight.requires_grad_(False)
             m.core.weight.requires_grad_(False)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
@@ -189,7 +190,7 @@ def test_partial_update_gradients_match_plain_autograd():
 def test_partial_update_saves_fewer_bytes_than_full_factorized_training(factor):
     full = estimate(_tiny_vgg(), (3, 32, 32), 8, methods=["tucker2:ratio=0.5"])
     part = estimate(_tiny_vgg(), (3, 32, 32), 8, methods=["tucker2:ratio=0.5", f"partial:factor={factor}"])
-    assert part.predicted["saved_activation_bytes"] < full.predicted["saved_activation_bytes"]
+    assert part.predicted.saved_activation_bytes < full.predicted.saved_activation_bytes
 
 
 def test_partial_without_factorized_layers_is_refused():
@@ -233,7 +234,7 @@ def test_plan_with_low_rank_applies_to_a_fresh_model(tmp_path):
     plan.shapes = {}
     fresh = _tiny_vgg()
     apply_plan_(fresh, Plan.load(plan.save(tmp_path / "p.yaml")))
-    assert isinstance(fresh[2], lr.Tucker2Conv2d) and type(fresh[2].core).__name__.startswith("Compressed")
+    assert isinstance(fresh[2], ll.Tucker2Conv2d) and type(fresh[2].core).__name__.startswith("Compressed")
 
 
 def test_planner_refuses_methods_it_chooses_itself():
@@ -255,7 +256,7 @@ def test_conversion_report_measures_the_error():
     exact = prepare(dense, ["tucker2:rank=1000"])[0]
     lossy = prepare(dense, ["tucker2:rank=2"])[0]
     x = torch.randn(8, 3, 16, 16)
-    good, bad = lr.conversion_report(dense, exact, x), lr.conversion_report(dense, lossy, x)
+    good, bad = dc.conversion_report(dense, exact, x), dc.conversion_report(dense, lossy, x)
     assert good["logits_error"] <= 1e-4 and good["top1_agreement"] == 1.0
     assert all(r["output_error"] <= 1e-4 for r in good["layers"].values())
     assert bad["logits_error"] > 1e-2 and min(r["output_error"] for r in bad["layers"].values()) > 1e-2
@@ -281,7 +282,7 @@ def test_refused_cp_input_is_compressed_too():
     torch.manual_seed(0)
     base = estimate(_tiny_vgg(), (3, 32, 32), 8, methods=["cp-refused:iters=2"])
     packed = estimate(_tiny_vgg(), (3, 32, 32), 8, methods=["cp-refused:iters=2", "compress:bits=4"])
-    assert packed.predicted["saved_activation_bytes"] < 0.3 * base.predicted["saved_activation_bytes"]
+    assert packed.predicted.saved_activation_bytes < 0.3 * base.predicted.saved_activation_bytes
     only = prepare(_tiny_vgg(), ["cp-refused:iters=2"])[0]  # compress on the CP layer alone
     spec = StepSpec((3, 32, 32), 8, 10)
     before = tracked_step(only, spec, fake=False).saved_activation_bytes
@@ -306,7 +307,7 @@ def test_refused_tucker2_equals_unfused_with_fewer_bytes(variant, partial):
     net(torch.randn(1, 3, 13, 11))
     specs = ["tucker2:ratio=0.5"] + ([f"partial:factor={partial}"] if partial else [])
     plain = prepare(net, specs)[0]
-    assert isinstance(plain[2], lr.Tucker2Conv2d)
+    assert isinstance(plain[2], ll.Tucker2Conv2d)
     refused = copy.deepcopy(plain)
     refused[2].refuse = True
     x, y = torch.randn(4, 3, 13, 11, requires_grad=True), torch.randint(0, 10, (4,))

@@ -37,8 +37,8 @@ def test_checkpoint_gives_the_same_step_and_bn_stats():
 def test_checkpoint_vgg_stage_segments():
     m = create_model("vgg11_bn")
     assert apply_method_(m, parse_spec("checkpoint")) == ["features"]
-    plain = estimate(create_model("vgg11_bn"), (3, 64, 64), 8).predicted["saved_activation_bytes"]
-    ck = estimate(m, (3, 64, 64), 8).predicted["saved_activation_bytes"]
+    plain = estimate(create_model("vgg11_bn"), (3, 64, 64), 8).predicted.saved_activation_bytes
+    ck = estimate(m, (3, 64, 64), 8).predicted.saved_activation_bytes
     assert ck < 0.3 * plain
 
 
@@ -48,8 +48,8 @@ def test_checkpoint_vgg_stage_segments():
 )
 def test_methods_shrink_saved_activations(spec, at_most):
     m = create_model("resnet18")
-    plain = estimate(m, (3, 128, 128), 32).predicted["saved_activation_bytes"]
-    got = estimate(m, (3, 128, 128), 32, methods=[spec]).predicted["saved_activation_bytes"]
+    plain = estimate(m, (3, 128, 128), 32).predicted.saved_activation_bytes
+    got = estimate(m, (3, 128, 128), 32, methods=[spec]).predicted.saved_activation_bytes
     assert got < at_most * plain
 
 

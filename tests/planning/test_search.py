@@ -55,7 +55,7 @@ def test_the_plan_fits_a_real_step_under_the_guard(tmp_path, model, size, batch,
     device = _profile(tmp_path, budget_mib)
     m = create_model(model)
     p = plan_for(m, (3, size, size), batch, device, name=model)
-    assert not p.is_plain and p.predicted["peak_device_bytes"] <= budget_mib * MiB
+    assert not p.is_plain and p.predicted.peak_device_bytes <= budget_mib * MiB
     settings = apply_plan_(m, p)
     report = tracked_step(
         m,
@@ -63,7 +63,7 @@ def test_the_plan_fits_a_real_step_under_the_guard(tmp_path, model, size, batch,
         fake=False,
         budget_bytes=tensor_budget(get_device(device)),
     )  # raises EdgeOOMError past the budget
-    assert report.peak_bytes == pytest.approx(p.predicted["peak_total_bytes"], rel=0.05)
+    assert report.peak_bytes == pytest.approx(p.predicted.peak_total_bytes, rel=0.05)
 
 
 def test_prefer_accuracy_avoids_lossy_methods_when_exact_ones_fit(tmp_path):

@@ -1,0 +1,155 @@
+"""The planner reads methods through the handler protocol only: a method registered in this file
+alone is weighed, and chosen when it is the cheapest way to fit; no method is named in planning/."""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from edgetrain.methods import base
+from edgetrain.methods.base import MethodConfig, MethodHandler, UnitCost, list_methods, register_method, swap_class_
+from edgetrain.models import create_model
+from edgetrain.planning import plan_for
+from edgetrain.planning.estimate import estimate
+
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class ToyConfig(MethodConfig):
+    """A test method: recompute a residual block in backward, priced at `price` seconds a block."""
+
+    name: ClassVar[str] = "toy-recompute"
+    risk: ClassVar[int] = 0
+    help: ClassVar[str] = "test only: recompute a block"
+
+
+class _Toy:
+    method = "toy-recompute"  # what set_exportable reports when it undoes the swap
+
+    def forward(self, x):
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        return checkpoint(super().forward, x, use_reentrant=False)
+
+
+class ToyHandler(MethodHandler):
+    config_type = ToyConfig
+    plan_scope = "unit"
+    price = 0.0  # seconds a block: free, so cheaper than any other way to save the block
+    unseen = 0
+
+    def eligible(self, name: str, module: nn.Module, config: MethodConfig) -> bool:
+        return type(module).__name__ == "BasicBlock"
+
+    def apply(self, module: nn.Module, config: MethodConfig) -> nn.Module:
+        return swap_class_(module, _Toy)
+
+    def unit_kind(self, name: str, module: nn.Module) -> str | None:
+        return "block" if self.eligible(name, module, ToyConfig()) else None
+
+    def candidates(self, kind: str) -> list[MethodConfig]:
+        return [ToyConfig()] if kind == "block" else []
+
+    def seconds(self, config: MethodConfig, unit: UnitCost) -> float:
+        return self.price
+
+    def unseen_bytes(self, model: nn.Module, config: MethodConfig) -> int:
+        return self.unseen
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """Register the toy method for one test; the registry is put back afterwards."""
+    list_methods()  # the built-in methods first, as in any process
+    monkeypatch.setattr(base.METHODS, "_entries", dict(base.METHODS._entries))
+    monkeypatch.setattr(base, "_BY_TYPE", dict(base._BY_TYPE))
+    handler = ToyHandler()
+    register_method(handler)
+    return handler
+
+
+def _plan(budget_mib: int):
+    model = create_model("cifar_resnet20")
+    return plan_for(model, (3, 32, 32), 128, "gtx750-1gb", name="cifar_resnet20", budget_bytes=budget_mib * MiB)
+
+
+def _budget() -> int:
+    plain = estimate(create_model("cifar_resnet20"), (3, 32, 32), 128, device="gtx750-1gb")
+    return int(plain.predicted.peak_device_bytes * 0.75 / MiB)
+
+
+def test_the_planner_picks_a_method_registered_in_a_test_when_it_is_cheapest(toy):
+    budget = _budget()
+    plan = _plan(budget)
+    chosen = set(plan.layers.values())
+    assert "toy-recompute" in chosen, plan.summary()
+    assert plan.predicted.peak_device_bytes <= budget * MiB
+    assert plan.overhead < 1.01  # free recomputation: no modelled time for the blocks it took
+
+
+def test_a_dear_toy_method_is_weighed_and_left(toy):
+    toy.price = 10.0  # ten seconds a block: every other way to fit is cheaper
+    plan = _plan(_budget())
+    assert "toy-recompute" not in set(plan.layers.values()) and not plan.is_plain
+
+
+def test_without_the_toy_the_same_budget_takes_another_method():
+    plan = _plan(_budget())
+    assert plan.layers and "toy-recompute" not in set(plan.layers.values())
+
+
+def test_the_estimate_hook_adds_what_fake_tensors_cannot_see(toy):
+    model = create_model("cifar_resnet20")
+    seen = estimate(model, (3, 32, 32), 16, methods=["toy-recompute"])
+    toy.unseen = 8 * MiB
+    both = estimate(model, (3, 32, 32), 16, methods=["toy-recompute"])
+    for key in ("peak_total_bytes", "peak_device_bytes", "peak_process_bytes"):
+        assert both.predicted[key] - seen.predicted[key] == 8 * MiB
+    assert both.predicted.peak_by_category["unseen"] == 8 * MiB
+
+
+def test_the_export_hook_is_every_handlers_own(toy):
+    """set_exportable undoes the toy's class swap (the base's mechanism) and asks every handler."""
+    from edgetrain.methods.base import prepare, set_exportable
+
+    model = prepare(create_model("cifar_resnet8"), ["toy-recompute", "compress:bits=4"])[0]
+    off = set_exportable(model)
+    assert {"toy-recompute", "compress"} <= set(off)
+    assert not any(isinstance(m, _Toy) for m in model.modules())
+
+
+def _strings(path: Path) -> list[str]:
+    """The string constants of a module that are not docstrings."""
+    tree = ast.parse(path.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}  # fmt: skip
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docs]  # fmt: skip
+
+
+def test_no_method_is_named_in_planning():
+    names = list_methods()
+    found = []
+    for path in sorted((Path(base.__file__).parents[1] / "planning").glob("*.py")):
+        for s in _strings(path):
+            found += [
+                f"{path.name}: {n!r} in {s!r}" for n in names if re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", s)
+            ]
+    assert not found, found
+
+
+def test_the_check_for_names_would_catch_one(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text('"""doc names checkpoint"""\nOPTIONS = ("plain", "compress:bits=4")\n')
+    strings = _strings(f)
+    assert "compress:bits=4" in strings and not any("checkpoint" in s for s in strings)
