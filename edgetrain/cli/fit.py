@@ -77,8 +77,9 @@ def _from_plan(path: str | None) -> dict:
     from edgetrain.planning import Plan
 
     plan = Plan.load(path)
-    rec = {"model": plan.model, "batch_size": plan.batch_size, "input_size": plan.input_shape[-1],
-           "optimizer": plan.optimizer, "device": plan.device}  # fmt: skip
+    req = plan.request
+    rec = {"model": req.model, "batch_size": req.batch_size, "input_size": req.input_shape[-1],
+           "optimizer": req.optimizer, "device": req.device}  # fmt: skip
     return {k: v for k, v in rec.items() if v is not None and v != "model"}
 
 

@@ -62,8 +62,8 @@ def verify(plan, args: argparse.Namespace) -> dict:
     from edgetrain.train.probe import measure_in_subprocess
 
     profile = get_device(args.device)
-    req = {"model": args.model, "num_classes": args.num_classes, "input_shape": plan.input_shape,
-           "batch_size": plan.batch_size, "optimizer": plan.optimizer, "plan": plan.to_dict(),
+    req = {"model": args.model, "num_classes": args.num_classes, "input_shape": plan.request.input_shape,
+           "batch_size": plan.request.batch_size, "optimizer": plan.request.optimizer, "plan": plan.to_dict(),
            "budget": tensor_budget(profile), "cuda": profile.kind != "cpu" and torch.cuda.is_available()}  # fmt: skip
     m = measure_in_subprocess(req)
     m["ratio_to_predicted"] = m["peak_total_bytes"] / plan.predicted.peak_total_bytes
@@ -97,10 +97,12 @@ def plan_figure(plan):
                         va="bottom", xytext=(0, 2), textcoords="offset points")  # fmt: skip
         top = max(top, bottom, (device or 0) / MIB)
     chosen = plan.predicted.peak_device_bytes
-    ax.set_ylim(0, budget_lines(ax, chosen, plan.budget_bytes, top, draw_device=False))
+    ax.set_ylim(0, budget_lines(ax, chosen, plan.request.budget_bytes, top, draw_device=False))
     ax.set_xticks(range(len(bars)), [label[:40] for label, _, _ in bars], fontsize=8)
     ax.set_ylabel("MiB at the step's peak (tensors, by category)")
-    ax.set_title(f"{plan.model} b{plan.batch_size} {plan.input_shape[-1]}px on {plan.device}")
+    ax.set_title(
+        f"{plan.request.model} b{plan.request.batch_size} {plan.request.input_shape[-1]}px on {plan.request.device}"
+    )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
@@ -122,8 +124,8 @@ def _print(plan, measured: dict | None, args: argparse.Namespace) -> None:
         over = f"{r['overhead']:.2f}x" if r.get("overhead") else "-"
         fits = {True: "yes", False: "no", None: "not checked"}[r["fits"]]
         rows.append(["*" if r.get("chosen") else "", r["plan"][:70], peak, over, r.get("risk", "-"), fits])
-    head = f"{plan.model} b{plan.batch_size} {plan.input_shape[-1]}px {plan.optimizer} on {plan.device}"
-    table(f"{head}: budget {mib(plan.budget_bytes)} (prefer {args.prefer})",
+    head = f"{plan.request.model} b{plan.request.batch_size} {plan.request.input_shape[-1]}px {plan.request.optimizer} on {plan.request.device}"
+    table(f"{head}: budget {mib(plan.request.budget_bytes)} (prefer {args.prefer})",
           ["", "candidate", "peak (device)", "time", "risk", "fits"], rows)  # fmt: skip
     print(f"chosen: {plan.summary()}  predicted {mib(plan.predicted.peak_device_bytes)}, "
           f"step time {plan.overhead:.2f}x plain")  # fmt: skip
@@ -140,6 +142,6 @@ def _print(plan, measured: dict | None, args: argparse.Namespace) -> None:
 
 def fit_command(plan, path: str) -> str:
     """The complete `fit` command for a plan file (fit also reads these from the file)."""
-    opt = f" --optimizer {plan.optimizer}" if plan.optimizer != "sgd" else ""
-    return (f"edgetrain fit --device {plan.device} --model {plan.model} -b {plan.batch_size} "
-            f"-s {plan.input_shape[-1]}{opt} --plan {path}")  # fmt: skip
+    opt = f" --optimizer {plan.request.optimizer}" if plan.request.optimizer != "sgd" else ""
+    return (f"edgetrain fit --device {plan.request.device} --model {plan.request.model} -b {plan.request.batch_size} "
+            f"-s {plan.request.input_shape[-1]}{opt} --plan {path}")  # fmt: skip

@@ -200,7 +200,8 @@ def _manifest(model, out, input_shape, classes, requires_grad, initializers, los
     import onnx
     import onnxruntime
 
-    structural = sorted({m for m in (plan or {}).get("methods", []) if m.split(":")[0] in ("freeze",)})
+    methods = ((plan or {}).get("choices") or {}).get("methods", [])  # a plan's to_dict()
+    structural = sorted({m for m in methods if m.split(":")[0] in ("freeze",)})
     return {
         "format": 1,
         "input": {

@@ -1,15 +1,17 @@
-"""`Plan`: what to apply to a model, per layer and step-wide, and `apply_plan_` to apply it in place.
+"""`Plan`: what was asked (`PlanRequest`), what to apply (`Choices`: step-wide and per-layer
+method configs, torchao's per-module config map) and why (prediction, reasons, candidates);
+`apply_plan_` applies the choices in place.
 
-A plan is a name -> method spec map (per layer, torchao's per-module config) plus step-wide
-methods (precision, micro-batching), with the prediction and the reasons that chose it. It
-round-trips through YAML or JSON with a version field; `apply_plan_` refuses a plan made for
-another model (a layer it names is missing, or has other parameter shapes).
+Specs are parsed once, when choices are made or read; a plan holds configs. It round-trips
+through YAML or JSON with a version field (specs written back as strings); a version 2 file
+is converted. `apply_plan_` refuses a plan made for another model (a layer it names is
+missing, or has other parameter shapes).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,30 +21,45 @@ from torch import nn
 from edgetrain.core.step import StepSettings
 from edgetrain.errors import ConfigError, EdgetrainError
 from edgetrain.memory.predict import Prediction
-from edgetrain.methods.base import apply_method_, handler_for, parse_spec, step_settings_for
+from edgetrain.methods.base import MethodConfig, apply_method_, handler_for, parse_spec, spec_of, step_settings_for
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
+_REQUEST = ("model", "input_shape", "batch_size", "optimizer", "device", "budget_bytes", "prefer")
+_ANSWER = ("predicted", "overhead", "risk", "reasons", "candidates")
 
 
-@dataclass
-class Plan:
-    """Step-wide `methods` and per-layer `layers` (name -> spec); `shapes` fingerprints the layers."""
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a plan is asked for: the model, one training step, and the device it must fit."""
 
-    methods: list[str] = field(default_factory=list)
-    layers: dict[str, str] = field(default_factory=dict)
-    shapes: dict[str, list[list[int]]] = field(default_factory=dict)
     model: str = "model"
-    input_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
+    input_shape: tuple[int, int, int] = (3, 32, 32)
     batch_size: int = 32
     optimizer: str = "sgd"
     device: str | None = None
     budget_bytes: int | None = None
-    predicted: Prediction | None = None
-    overhead: float = 1.0
-    risk: int = 0
-    reasons: list[str] = field(default_factory=list)
-    candidates: list[dict[str, Any]] = field(default_factory=list)
-    version: int = PLAN_VERSION
+    prefer: str = "speed"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_shape", tuple(self.input_shape))
+
+
+def _config(spec: MethodConfig | str) -> MethodConfig:
+    return spec if isinstance(spec, MethodConfig) else parse_spec(str(spec))
+
+
+@dataclass
+class Choices:
+    """What to apply: step-wide `methods` and per-layer `layers` (name -> config); `shapes`
+    fingerprints the layers. Spec strings given here are parsed, once."""
+
+    methods: list[MethodConfig] = field(default_factory=list)
+    layers: dict[str, MethodConfig] = field(default_factory=dict)
+    shapes: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.methods = [_config(m) for m in self.methods]
+        self.layers = {n: _config(c) for n, c in self.layers.items()}
 
     @property
     def is_plain(self) -> bool:
@@ -53,42 +70,78 @@ class Plan:
         if self.is_plain:
             return "plain"
         counts: dict[str, int] = {}
-        for spec in self.layers.values():
-            counts[spec] = counts.get(spec, 0) + 1
-        return " + ".join([*self.methods, *(f"{s} x{n}" for s, n in counts.items())])
+        for c in self.layers.values():
+            counts[spec_of(c)] = counts.get(spec_of(c), 0) + 1
+        return " + ".join([*map(spec_of, self.methods), *(f"{s} x{n}" for s, n in counts.items())])
 
     def specs(self) -> list[str]:
-        """Every method spec the plan uses, once: step-wide ones, then per-layer ones."""
-        return list(dict.fromkeys([*self.methods, *self.layers.values()]))
+        """Every method spec used, once: step-wide ones, then per-layer ones."""
+        return list(dict.fromkeys(spec_of(c) for c in [*self.methods, *self.layers.values()]))
+
+    def configs(self) -> list[MethodConfig]:
+        return [*self.methods, *self.layers.values()]
 
     def step_settings(self) -> StepSettings:
-        return step_settings_for([parse_spec(m) for m in self.methods])
+        return step_settings_for(self.methods)
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self), default=str))
+        return {"methods": [spec_of(c) for c in self.methods],
+                "layers": {n: spec_of(c) for n, c in self.layers.items()}, "shapes": self.shapes}  # fmt: skip
+
+
+@dataclass
+class Plan:
+    """A planning answer: the `request`, the `choices`, and what the planner predicted and why."""
+
+    request: PlanRequest = field(default_factory=PlanRequest)
+    choices: Choices = field(default_factory=Choices)
+    predicted: Prediction | None = None
+    overhead: float = 1.0
+    risk: int = 0
+    reasons: list[str] = field(default_factory=list)
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    version: int = PLAN_VERSION
+
+    @property
+    def is_plain(self) -> bool:
+        return self.choices.is_plain
+
+    def summary(self) -> str:
+        return self.choices.summary()
+
+    def specs(self) -> list[str]:
+        return self.choices.specs()
+
+    def to_dict(self) -> dict[str, Any]:
+        req = {k: getattr(self.request, k) for k in _REQUEST}
+        doc = {"version": self.version, "request": {**req, "input_shape": list(self.request.input_shape)},
+               "choices": self.choices.to_dict(), "predicted": self.predicted.to_dict() if self.predicted else None,
+               **{k: getattr(self, k) for k in _ANSWER[1:]}}  # fmt: skip
+        return json.loads(json.dumps(doc, default=str))
 
     @classmethod
     def from_dict(cls, doc: Any, where: str = "plan") -> Plan:
         if not isinstance(doc, dict):
             raise ConfigError(f"{where}: expected a mapping with version: {PLAN_VERSION}")
+        if doc.get("version") == 2:
+            doc = _from_version_2(doc)
         if doc.get("version") != PLAN_VERSION:
             raise ConfigError(
-                f"{where}: plan version {doc.get('version')!r}, this edgetrain reads version {PLAN_VERSION}: "
+                f"{where}: plan version {doc.get('version')!r}, this edgetrain reads versions 2 and {PLAN_VERSION}: "
                 "make it again with `edgetrain plan`"
             )
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(doc) - known)
+        unknown = sorted(set(doc) - {"version", "request", "choices", *_ANSWER})
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
         try:
-            plan = cls(**{**doc, "predicted": Prediction.from_dict(doc["predicted"]) if doc.get("predicted") else None})
-            for spec in [*plan.methods, *plan.layers.values()]:
-                parse_spec(str(spec))  # unknown methods and bad options fail here, before training
+            predicted = Prediction.from_dict(doc["predicted"]) if doc.get("predicted") else None
+            rest = {k: doc[k] for k in _ANSWER[1:] if k in doc}
+            return cls(PlanRequest(**(doc.get("request") or {})), Choices(**(doc.get("choices") or {})),
+                       predicted, **rest)  # fmt: skip
         except (TypeError, AttributeError) as e:
             raise ConfigError(f"{where}: malformed ({e}); make it again with `edgetrain plan`") from None
-        except EdgetrainError as e:
+        except EdgetrainError as e:  # an unknown method or a bad option, before training
             raise ConfigError(f"{where}: {e}") from None
-        return plan
 
     def save(self, path: str | Path) -> Path:
         """YAML, or JSON when the name ends in .json."""
@@ -111,43 +164,52 @@ class Plan:
         return cls.from_dict(doc, f"plan {path}")
 
 
+def _from_version_2(doc: dict[str, Any]) -> dict[str, Any]:
+    """A version 2 plan (one flat mapping) in version 3's layout."""
+    flat = dict(doc)
+    out: dict[str, Any] = {"version": PLAN_VERSION}
+    out["request"] = {k: flat.pop(k) for k in _REQUEST if k in flat}
+    out["choices"] = {k: flat.pop(k) for k in ("methods", "layers", "shapes") if k in flat}
+    flat.pop("version")
+    return {**out, **flat}
+
+
 def param_shapes(module: nn.Module) -> list[list[int]]:
     return [list(p.shape) for p in module.parameters()]
 
 
-def apply_plan_(model: nn.Module, plan: Plan) -> StepSettings:
-    """Apply `plan` to `model` in place: structural (low-rank) methods, then per-layer specs (named
-    as in the factorized model), then the other step-wide ones; returns the step settings
-    (precision, micro-batches, regularizer) the training step must use."""
-    configs = [parse_spec(m) for m in plan.methods]
-    for c in configs:
+def apply_plan_(model: nn.Module, plan: Plan | Choices) -> StepSettings:
+    """Apply a plan's choices to `model` in place: structural (low-rank) methods, then per-layer
+    configs (named as in the factorized model), then the other step-wide ones; returns the step
+    settings (precision, micro-batches, regularizer) the training step must use."""
+    choices, name = (plan.choices, plan.request.model) if isinstance(plan, Plan) else (plan, "this plan")
+    for c in choices.methods:
         if c.structural:
             apply_method_(model, c)
     modules = dict(model.named_modules())
-    _check_layers(plan, modules)
-    for name, spec in plan.layers.items():
-        config = parse_spec(spec)
-        pattern = name if handler_for(config).eligible(name, modules[name], config) else f"{name}.*"
+    _check_layers(choices, modules, name)
+    for layer, config in choices.layers.items():
+        pattern = layer if handler_for(config).eligible(layer, modules[layer], config) else f"{layer}.*"
         apply_method_(model, config, layers=pattern)
-    for c in configs:
+    for c in choices.methods:
         if not c.structural:
             apply_method_(model, c)
-    return step_settings_for(configs)
+    return step_settings_for(choices.methods)
 
 
-def _check_layers(plan: Plan, modules: dict[str, nn.Module]) -> None:
+def _check_layers(choices: Choices, modules: dict[str, nn.Module], model: str) -> None:
     """Refuse a plan made for another model: a layer it names is missing or has other shapes."""
-    for name in plan.layers:
+    for name in choices.layers:
         if name not in modules:
             near = [n for n in modules if n and n.split(".")[-1] == name.split(".")[-1]][:3]
             raise ConfigError(
-                f"plan for {plan.model} names layer '{name}', which this model does not have"
+                f"plan for {model} names layer '{name}', which this model does not have"
                 + (f" (similar: {', '.join(near)})" if near else "")
                 + ": make the plan for this model with `edgetrain plan`"
             )
-        want = plan.shapes.get(name)
+        want = choices.shapes.get(name)
         if want is not None and want != param_shapes(modules[name]):
             raise ConfigError(
-                f"plan for {plan.model}: layer '{name}' has parameter shapes {param_shapes(modules[name])} "
+                f"plan for {model}: layer '{name}' has parameter shapes {param_shapes(modules[name])} "
                 f"here, {want} in the plan: make the plan for this model with `edgetrain plan`"
             )

@@ -35,10 +35,9 @@ from edgetrain.methods.base import (
     planned_handlers,
     prepare,
     spec_of,
-    structural_specs,
 )  # fmt: skip
 from edgetrain.planning.estimate import Estimate, estimate
-from edgetrain.planning.record import Plan, apply_plan_, param_shapes
+from edgetrain.planning.record import Choices, Plan, PlanRequest, apply_plan_, param_shapes
 from edgetrain.planning.units import Option, Unit, UnitTable, has_batchnorm, option_seconds, step_seconds, unit_table
 
 PREFER = {"speed": 0.05, "accuracy": 2.0}  # weight of one risk rank against a 100% time overhead
@@ -199,10 +198,10 @@ class Planner:
         gcost, factor = self.global_cost(g)
         return chosen, cost + gcost, factor * (1 + extra)
 
-    def to_plan(self, g: StepWide, chosen: dict[str, Option]) -> Plan:
+    def to_choices(self, g: StepWide, chosen: dict[str, Option]) -> Choices:
         mods = dict(self.model.named_modules())
-        layers = {n: spec_of(o) for n, o in chosen.items() if o is not None}
-        return Plan(methods=g.methods(), layers=layers, shapes={n: param_shapes(mods[n]) for n in layers})
+        layers = {n: o for n, o in chosen.items() if o is not None}
+        return Choices(list(g.configs), layers, {n: param_shapes(mods[n]) for n in layers})
 
 
 def plan_for(
@@ -215,7 +214,7 @@ def plan_for(
     name: str = "model",
     num_classes: int | None = None,
     budget_bytes: int | None = None,
-    methods: Sequence[str] = (),
+    methods: Sequence[MethodConfig | str] = (),
 ) -> Plan:
     """The least-cost plan whose predicted device peak fits `device` (or `budget_bytes`).
 
@@ -225,41 +224,43 @@ def plan_for(
     if prefer not in PREFER:
         raise ConfigError(f"--prefer must be speed or accuracy, got {prefer!r}")
     profile = get_device(device)
-    for spec in methods:
-        if spec not in structural_specs([spec]):
-            raise ConfigError(f"method '{spec}' is one the planner chooses itself: give only low-rank "
+    configs = [m if isinstance(m, MethodConfig) else parse_spec(m) for m in methods]
+    for c in configs:
+        if not c.structural:
+            raise ConfigError(f"method '{spec_of(c)}' is one the planner chooses itself: give only low-rank "
                               f"methods ({', '.join(_structural())}), or force everything with fit --method")  # fmt: skip
-    if methods:
-        model = prepare(model, list(methods), shapes_only=True)[0]
-    base = " + ".join(methods) or "plain"
-    chosen = _search(model, input_shape, batch_size, profile, optimizer, prefer, name, num_classes, budget_bytes, base)
-    return _with_low_rank(chosen, list(methods)) if methods else chosen
+    if configs:
+        model = prepare(model, configs, shapes_only=True)[0]
+    base = " + ".join(map(spec_of, configs)) or "plain"
+    request = PlanRequest(name, tuple(input_shape), batch_size, optimizer, profile.name,
+                          budget_bytes or profile.usable_memory_bytes, prefer)  # fmt: skip
+    chosen = _search(model, request, profile, num_classes, base)
+    return _with_low_rank(chosen, configs) if configs else chosen
 
 
 def _structural() -> list[str]:
     return [n for n in list_methods() if METHODS.get(n).config_type.structural]
 
 
-def _with_low_rank(chosen: Plan, methods: list[str]) -> Plan:
+def _with_low_rank(chosen: Plan, configs: list[MethodConfig]) -> Plan:
     """The factorized model's plan as a plan of the model given: low-rank methods first, their risk
     counted, and each candidate named with them (the first row, the base, already is)."""
-    chosen.methods = [*methods, *chosen.methods]
-    risk = max(parse_spec(m).risk for m in methods)
+    chosen.choices.methods = [*configs, *chosen.choices.methods]
+    risk = max(int(c.risk) for c in configs)
     chosen.risk = max(chosen.risk, risk)
     for row in chosen.candidates[1:]:
-        row["plan"] = f"{' + '.join(methods)} + {row['plan']}"
+        row["plan"] = f"{' + '.join(map(spec_of, configs))} + {row['plan']}"
     for row in chosen.candidates:
         if "risk" in row:
             row["risk"] = max(row["risk"], risk)
     return chosen
 
 
-def _search(model, input_shape, batch_size, profile, optimizer, prefer, name, num_classes, budget_bytes, base) -> Plan:
+def _search(model: nn.Module, request: PlanRequest, profile: DeviceProfile, num_classes: int | None, base: str) -> Plan:
     """The search on `model` as given; `base` names it (plain, or the low-rank methods applied)."""
-    budget = budget_bytes or profile.usable_memory_bytes
-    plain = estimate(model, input_shape, batch_size, optimizer, profile, [], num_classes, name)
-    doc = Plan(model=name, input_shape=list(input_shape), batch_size=batch_size, optimizer=optimizer,
-               device=profile.name, budget_bytes=budget)  # fmt: skip
+    budget = request.budget_bytes
+    plain = _exact(model, Choices(), request, profile, num_classes)
+    doc = Plan(request)
     row = {"plan": base, "peak_device_bytes": plain.predicted.peak_device_bytes, "overhead": 1.0, "risk": 0,
            "peak_by_category": plain.predicted.peak_by_category}  # fmt: skip
     if plain.predicted.peak_device_bytes <= budget:
@@ -269,12 +270,12 @@ def _search(model, input_shape, batch_size, profile, optimizer, prefer, name, nu
             if base == "plain"
             else f"fits with {base} alone: nothing more needed"
         )
-        return _finish(doc, Plan(), plain, 1.0, [row], [why])
+        return _finish(doc, Choices(), plain, 1.0, [row], [why])
     row["fits"] = False
-    spec = StepSpec(tuple(input_shape), batch_size, num_classes or num_classes_of(model), optimizer)
-    planner = Planner(model, spec, profile, prefer, plain)
+    spec = StepSpec(request.input_shape, request.batch_size, num_classes or num_classes_of(model), request.optimizer)
+    planner = Planner(model, spec, profile, request.prefer, plain)
     rows, found = [row], []
-    for g in step_wide_options(profile, batch_size, planner.has_bn):
+    for g in step_wide_options(profile, request.batch_size, planner.has_bn):
         got = planner.solve(g, budget)
         if got is None:
             rows.append({"plan": g.label() + " (nothing fits)", "fits": False})
@@ -282,30 +283,33 @@ def _search(model, input_shape, batch_size, profile, optimizer, prefer, name, nu
         found.append((got[1], g, got))
     found.sort(key=lambda f: f[0])
     for i, (_, g, got) in enumerate(found):
-        verified = _verify(
-            planner, g, got, budget, (model, input_shape, batch_size, optimizer, profile, num_classes, name)
-        )
+        verified = _verify(planner, g, got, budget, lambda c: _exact(model, c, request, profile, num_classes))
         if verified is None:
             rows.append({"plan": g.label() + ": modelled to fit, over budget in the exact check", "fits": False})
             continue
         cand, est, factor = verified
         rows.append({**_row(cand, est, factor, True), "chosen": True})
         for _, g2, (ch2, _, f2) in found[i + 1 :]:  # costlier step-wide settings, as modelled, for the table
-            p2 = planner.to_plan(g2, ch2)  # not estimated: "fits" is None (modelled to fit, not checked)
+            p2 = planner.to_choices(g2, ch2)  # not estimated: "fits" is None (modelled to fit, not checked)
             rows.append(
                 {"plan": p2.summary(), "peak_device_bytes": None, "overhead": f2, "risk": _plan_risk(p2), "fits": None}
             )
         return _finish(doc, cand, est, factor, rows, _reasons(planner, g, cand, est, budget, base))
-    raise _not_fit(planner, model, input_shape, batch_size, optimizer, profile, num_classes, name, budget)
+    raise _not_fit(planner, request, lambda c: _exact(model, c, request, profile, num_classes), profile.name)
 
 
-def _verify(planner: Planner, g: StepWide, got: tuple, budget: int, args: tuple) -> tuple[Plan, Estimate, float] | None:
+def _exact(model: nn.Module, choices: Choices, request: PlanRequest, profile: DeviceProfile, num_classes) -> Estimate:
+    return estimate_plan(model, choices, request.input_shape, request.batch_size, request.optimizer, profile,
+                         num_classes, request.model)  # fmt: skip
+
+
+def _verify(planner: Planner, g: StepWide, got: tuple, budget: int, exact) -> tuple[Choices, Estimate, float] | None:
     """Exact estimate of the plan; on overshoot solve again with the overshoot taken off (3 tries)."""
     target = budget
     for _ in range(3):
         chosen, _, factor = got
-        cand = planner.to_plan(g, chosen)
-        est = estimate_plan(args[0], cand, *args[1:])
+        cand = planner.to_choices(g, chosen)
+        est = exact(cand)
         over = est.predicted.peak_device_bytes - budget
         if over <= 0:
             return cand, est, factor
@@ -317,54 +321,55 @@ def _verify(planner: Planner, g: StepWide, got: tuple, budget: int, args: tuple)
 
 
 def estimate_plan(
-    model, plan: Plan, input_shape, batch_size, optimizer, profile, num_classes=None, name="model"
+    model, plan: Plan | Choices, input_shape, batch_size, optimizer, profile, num_classes=None, name="model"
 ) -> Estimate:
-    """`estimate` of a model with a per-layer plan applied (fake tensors, nothing allocated)."""
+    """`estimate` of a model with a plan's choices applied (fake tensors, nothing allocated)."""
+    choices = plan.choices if isinstance(plan, Plan) else plan
     m = copy.deepcopy(model)
-    low = structural_specs(plan.methods)
-    apply_plan_(m, Plan(methods=low, layers=plan.layers))
-    rest = [s for s in plan.methods if s not in low]
+    apply_plan_(m, Choices([c for c in choices.methods if c.structural], choices.layers))
+    rest = [c for c in choices.methods if not c.structural]
     est = estimate(m, input_shape, batch_size, optimizer, profile, rest, num_classes, name)
-    est.methods = [plan.summary()]
+    est.methods = [choices.summary()]
     return est
 
 
-def _plan_risk(p: Plan) -> int:
-    return max([0, *(parse_spec(s).risk for s in [*p.methods, *p.layers.values()])])
+def _plan_risk(p: Choices) -> int:
+    return max([0, *(int(c.risk) for c in p.configs())])
 
 
-def _row(p: Plan, est: Estimate, factor: float, fits: bool) -> dict:
+def _row(p: Choices, est: Estimate, factor: float, fits: bool) -> dict:
     return {"plan": p.summary(), "peak_device_bytes": est.predicted.peak_device_bytes, "overhead": factor,
             "risk": _plan_risk(p), "fits": fits}  # fmt: skip
 
 
-def _reasons(planner: Planner, g: StepWide, p: Plan, est: Estimate, budget: int, base: str) -> list[str]:
+def _reasons(planner: Planner, g: StepWide, p: Choices, est: Estimate, budget: int, base: str) -> list[str]:
     alone = "plain" if base == "plain" else f"{base} alone"
     out = [f"{alone} needs {planner.plain.predicted.peak_device_bytes / MiB:.0f} MiB, over the budget of "
            f"{budget / MiB:.0f} MiB; this plan: {est.predicted.peak_device_bytes / MiB:.0f} MiB"]  # fmt: skip
     out += [e.reason for e in g.effects if e.reason]
     for u in planner.table.units:
         if u.name in p.layers:
-            o = parse_spec(p.layers[u.name])
+            o = p.layers[u.name]
             cost = option_seconds(u, o, planner.profile) / planner.t0
-            out.append(f"{u.name}: {p.layers[u.name]} keeps {planner._saved(o, u, g) / MiB:.1f} of "
+            out.append(f"{u.name}: {spec_of(o)} keeps {planner._saved(o, u, g) / MiB:.1f} of "
                        f"{planner._saved(None, u, g) / MiB:.1f} MiB for +{cost:.1%} time")  # fmt: skip
     return out
 
 
-def _finish(doc: Plan, chosen: Plan, est: Estimate, factor: float, rows: list[dict], reasons: list[str]) -> Plan:
-    doc.methods, doc.layers, doc.shapes = chosen.methods, chosen.layers, chosen.shapes
+def _finish(doc: Plan, chosen: Choices, est: Estimate, factor: float, rows: list[dict], reasons: list[str]) -> Plan:
+    doc.choices = chosen
     doc.predicted, doc.overhead, doc.risk = est.predicted, round(factor, 4), _plan_risk(chosen)
     doc.candidates, doc.reasons = rows, reasons
     return doc
 
 
-def _not_fit(planner, model, input_shape, batch_size, optimizer, profile, num_classes, name, budget) -> BudgetError:
+def _not_fit(planner: Planner, request: PlanRequest, exact, device: str) -> BudgetError:
     """The smallest peak reachable (everything at its most saving, finest micro-batches), and advice."""
-    g = step_wide_options(profile, batch_size, planner.has_bn)[-1]
+    budget, batch_size, input_shape = request.budget_bytes, request.batch_size, request.input_shape
+    g = step_wide_options(planner.profile, batch_size, planner.has_bn)[-1]
     least = {u.name: min(u.options, key=lambda o, u=u: planner._saved(o, u, g)) for u in planner.table.units}
-    p = planner.to_plan(g, least)
-    est = estimate_plan(model, p, input_shape, batch_size, optimizer, profile, num_classes, name)
+    p = planner.to_choices(g, least)
+    est = exact(p)
     peak = est.predicted.peak_device_bytes
     fixed = planner.table.fixed_bytes + planner.workspace  # weights, gradients, optimizer state, workspace
     advice = (
@@ -383,6 +388,6 @@ def _not_fit(planner, model, input_shape, batch_size, optimizer, profile, num_cl
             else f"try -s {max(size // 8 * 8, 8)} (predicted to fit with that plan)"
         )
     return BudgetError(
-        f"nothing fits {profile.name}: the smallest peak reachable is {peak / MiB:.0f} MiB ({p.summary()}) against a "
+        f"nothing fits {device}: the smallest peak reachable is {peak / MiB:.0f} MiB ({p.summary()}) against a "
         f"budget of {budget / MiB:.0f} MiB: {advice}"
     )

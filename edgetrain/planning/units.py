@@ -29,9 +29,8 @@ from edgetrain.methods.base import (
     UnitCost,
     handler_for,
     planned_handlers,
-    spec_of,
 )  # fmt: skip
-from edgetrain.planning.record import Plan, apply_plan_
+from edgetrain.planning.record import Choices, apply_plan_
 
 Option = MethodConfig | None  # None: plain
 
@@ -116,8 +115,7 @@ def unit_table(model: nn.Module, spec: StepSpec, units: list[Unit] | None = None
 def _measure_option(model: nn.Module, spec: StepSpec, units: list[Unit], option: Option, flops: dict | None) -> int:
     """One fake step with `option` on every unit that has it: fills `unit.saved[option]`, returns the peak."""
     m = copy.deepcopy(model)
-    layers = {u.name: spec_of(option) for u in units if option is not None and option in u.options}
-    apply_plan_(m, Plan(layers=layers))
+    apply_plan_(m, Choices(layers={u.name: option for u in units if option is not None and option in u.options}))
     ranges: dict[str, list[int]] = {}
     hooks = _range_hooks(m, units, ranges) + (flop_hooks(m, flops) if flops is not None else [])
     one = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, micro_batches=1))

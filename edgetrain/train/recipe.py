@@ -28,10 +28,10 @@ from edgetrain.core.step import make_optimizer, train_step
 from edgetrain.errors import ConfigError, EdgeOOMError, EdgetrainError
 from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
 from edgetrain.memory.predict import check_input_size
-from edgetrain.methods.base import UnusedMethod, structural_specs, unused_methods
+from edgetrain.methods.base import UnusedMethod, spec_of, structural_specs, unused_methods
 from edgetrain.methods.lowrank import conversion_report, resize_to_
 from edgetrain.models import create_model
-from edgetrain.planning import Plan, apply_plan_, plan_for
+from edgetrain.planning import Choices, Plan, PlanRequest, apply_plan_, plan_for
 from edgetrain.progress import Progress
 from edgetrain.train import checkpoint as ckpt
 from edgetrain.train.calibrate import resolve_profile
@@ -153,14 +153,18 @@ class Recipe:
         if state is None:
             check_input_size(self.model, cfg.input_size, cfg.model)
         self.plan = _state_plan(state, cfg.model) if state else self._plan(cfg.methods)
-        dense = copy.deepcopy(self.model) if state is None and structural_specs(self.plan.methods) else None
+        dense = (
+            copy.deepcopy(self.model)
+            if state is None and any(c.structural for c in self.plan.choices.methods)
+            else None
+        )
         self._apply(self.plan)
         if state is not None:
             resize_to_(self.model, state["model"])  # ranks chosen from the weights (energy): the checkpoint's
         self.conversion = conversion_report(dense, self.model, self._sample()) if dense is not None else None
         if self.conversion and not cfg.quiet:
             c = self.conversion
-            print(f"edgetrain fit: {len(c['layers'])} layers factorized ({self.plan.methods[0]}): logits error "
+            print(f"edgetrain fit: {len(c['layers'])} layers factorized ({spec_of(self.plan.choices.methods[0])}): logits error "
                   f"{c['logits_error']:.3f}, top-1 agreement {c['top1_agreement']:.1%} with the dense model")  # fmt: skip
         self.model.to(self.dev)
 
@@ -171,8 +175,8 @@ class Recipe:
         forced = self._usable(forced) if budget_bytes is None else forced
         low = structural_specs(forced)
         if len(low) < len(forced):
-            return Plan(methods=list(forced), model=cfg.model, input_shape=list(self.data.input_shape),
-                        batch_size=cfg.batch_size, optimizer=cfg.optimizer, device=self.profile.name)  # fmt: skip
+            request = PlanRequest(cfg.model, self.data.input_shape, cfg.batch_size, cfg.optimizer, self.profile.name)
+            return Plan(request, Choices(list(forced)))
         chosen = plan_for(self.model, self.data.input_shape, cfg.batch_size, self.profile, cfg.optimizer,
                           cfg.prefer, cfg.model, len(self.data.classes), budget_bytes, methods=low)  # fmt: skip
         return chosen
@@ -302,7 +306,7 @@ class Recipe:
         fresh = create_model(self.cfg.model, len(self.data.classes))  # plan on the model as built, not as applied
         model, self.model = self.model, fresh
         try:
-            new = self._plan(structural_specs(old.methods), budget_bytes=tighter)
+            new = self._plan([spec_of(c) for c in old.choices.methods if c.structural], budget_bytes=tighter)
         finally:
             self.model = model
         if new.summary() == old.summary():
@@ -426,7 +430,7 @@ def _check_plan_file(cfg: FitConfig) -> None:
         return
     plan = Plan.load(cfg.plan)
     for key, field_ in PLAN_RECORDS.items():
-        recorded = getattr(plan, field_)
+        recorded = getattr(plan.request, field_)
         recorded = recorded[-1] if field_ == "input_shape" else recorded
         if recorded is not None and recorded != getattr(cfg, key):
             flag = "--" + key.replace("_", "-")
@@ -447,7 +451,7 @@ def _state_plan(state: dict[str, Any], model: str) -> Plan:
     """The plan a checkpoint was trained with (checkpoints before plan version 2 kept a methods list)."""
     if "plan" in state:
         return Plan.from_dict(state["plan"], "checkpoint")
-    return Plan(methods=[str(m) for m in state.get("methods", [])], model=model)
+    return Plan(PlanRequest(model), Choices([str(m) for m in state.get("methods", [])]))
 
 
 def _point_last_at(run: Path) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgetrain.planning import Plan
+from edgetrain.memory.predict import Prediction
+from edgetrain.planning import Plan, PlanRequest
 
 TINY = ("--device", "cpu", "-m", "cifar_resnet8", "-s", "16", "-b", "128", "--epochs", "1")
 
@@ -19,7 +20,7 @@ def finished(tmp_path_factory) -> Path:
     from edgetrain.cli.main import main
 
     d = tmp_path_factory.mktemp("finished")
-    plan = Plan(model="cifar_resnet8", input_shape=[3, 16, 16], batch_size=128, device="cpu")
+    plan = Plan(PlanRequest("cifar_resnet8", (3, 16, 16), 128, device="cpu"))
     plan.save(d / "made.yaml")
     assert main(["fit", "--plan", str(d / "made.yaml"), "--epochs", "1", "--out", str(d / "run"), "--json"]) == 0
     return d / "run"
@@ -124,8 +125,8 @@ def test_skipped_images_are_named_and_listed(cli, tmp_path):
 def test_plan_table_marks_unchecked_candidates():
     from edgetrain.cli.plan import _print
 
-    plan = Plan(model="m", device="cpu", budget_bytes=80 * 2**20,
-                predicted={"peak_device_bytes": 70 * 2**20}, candidates=[
+    predicted = Prediction(80 * 2**20, 70 * 2**20, 100 * 2**20, 0)
+    plan = Plan(PlanRequest("m", device="cpu", budget_bytes=80 * 2**20), predicted=predicted, candidates=[
                     {"plan": "plain", "peak_device_bytes": 90 * 2**20, "fits": False},
                     {"plan": "checkpoint x2", "peak_device_bytes": 70 * 2**20, "fits": True, "chosen": True},
                     {"plan": "bf16 + checkpoint x7", "peak_device_bytes": None, "fits": None}])  # fmt: skip

@@ -12,7 +12,7 @@ from torch import nn
 from edgetrain.errors import ConfigError
 from edgetrain.export.onnx import check_versions, export_artifacts, primitive_norms_
 from edgetrain.models import create_model
-from edgetrain.planning import Plan, apply_plan_
+from edgetrain.planning import Choices, Plan, apply_plan_
 from edgetrain.runtime.trainer import OrtTrainer, sha256_file
 
 SHAPE = (3, 16, 16)
@@ -111,7 +111,7 @@ def test_groupnorm_and_frozen_prefix_and_methods_left_out(tmp_path):
     assert loss_ort == pytest.approx(loss.item(), rel=1e-4)  # GroupNorm in primitive ops = nn.GroupNorm
 
     model = create_model("cifar_resnet8")
-    plan = Plan(methods=["freeze:upto=stem"], layers={"layers.1": "checkpoint", "layers.2": "compress:bits=4"})
+    plan = Plan(choices=Choices(["freeze:upto=stem"], {"layers.1": "checkpoint", "layers.2": "compress:bits=4"}))
     apply_plan_(model, plan)
     m = export_artifacts(model, tmp_path / "planned", SHAPE, CLASSES, plan=plan.to_dict())
     assert m["methods_not_in_graph"] == ["checkpoint", "compress"]
@@ -134,14 +134,14 @@ def test_low_rank_model_exports_and_trains_like_pytorch(tmp_path):
     """Tucker-2 with one factor trained, and CP with re-fusion switched off for the graph."""
     torch.manual_seed(0)
     model = create_model("cifar_resnet8")
-    plan = Plan(methods=["tucker2:ratio=0.5", "partial:factor=core"], layers={"layers.2": "checkpoint"})
+    plan = Plan(choices=Choices(["tucker2:ratio=0.5", "partial:factor=core"], {"layers.2": "checkpoint"}))
     apply_plan_(model, plan)
     m = export_artifacts(copy.deepcopy(model), tmp_path / "lr", SHAPE, CLASSES, bn="batch", plan=plan.to_dict())
     assert "layers.1.conv1.core.weight" in m["trainable"] and "layers.1.conv1.first.weight" in m["frozen"]
     _steps_side_by_side(tmp_path / "lr", model, "batch", steps=3, seed=2)
 
     cp = create_model("cifar_resnet8")
-    apply_plan_(cp, Plan(methods=["cp:refuse=true,iters=2"]))
+    apply_plan_(cp, Choices(["cp:refuse=true,iters=2"]))
     m = export_artifacts(cp, tmp_path / "cp", SHAPE, CLASSES)
     assert "cp refuse" in m["methods_not_in_graph"]
     x = np.random.default_rng(3).standard_normal((2, *SHAPE)).astype(np.float32)

@@ -70,8 +70,8 @@ def test_cuda_allocator_model():
 def test_estimate_adds_allocator_and_overheads_for_a_device():
     e = estimate(create_model("cifar_resnet8"), (3, 32, 32), 32, device="jetson-nano")
     p = e.predicted
-    assert p["peak_device_bytes"] >= p["peak_total_bytes"] + 32 * MiB  # rounding + workspace
-    assert p["peak_process_bytes"] == p["peak_device_bytes"] + 1100 * MiB  # context + framework
+    assert p.peak_device_bytes >= p.peak_total_bytes + 32 * MiB  # rounding + workspace
+    assert p.peak_process_bytes == p.peak_device_bytes + 1100 * MiB  # context + framework
     assert e.fits is True
 
 

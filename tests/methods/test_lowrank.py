@@ -230,8 +230,8 @@ def test_plan_with_low_rank_applies_to_a_fresh_model(tmp_path):
     from edgetrain.planning import plan_for
 
     plan = plan_for(_tiny_vgg(), (3, 32, 32), 8, "cpu", methods=["tucker2:ratio=0.5"])
-    plan.layers = {"2.core": "compress:bits=4"}  # a per-layer choice named inside a factorized layer
-    plan.shapes = {}
+    plan.choices.layers = {"2.core": parse_spec("compress:bits=4")}  # a per-layer choice inside a factorized layer
+    plan.choices.shapes = {}
     fresh = _tiny_vgg()
     apply_plan_(fresh, Plan.load(plan.save(tmp_path / "p.yaml")))
     assert isinstance(fresh[2], ll.Tucker2Conv2d) and type(fresh[2].core).__name__.startswith("Compressed")

@@ -92,8 +92,8 @@ def test_freeze_prefix():
     assert all(torch.equal(before[n], p) for n, p in m.named_parameters() if n in before)
     plain = estimate(create_model("resnet18"), (3, 64, 64), 16).predicted
     fr = estimate(create_model("resnet18"), (3, 64, 64), 16, methods=["freeze:upto=layer2"]).predicted
-    assert fr["saved_activation_bytes"] < 0.5 * plain["saved_activation_bytes"]
-    assert fr["peak_by_category"]["optimizer"] < plain["peak_by_category"]["optimizer"]
+    assert fr.saved_activation_bytes < 0.5 * plain.saved_activation_bytes
+    assert fr.peak_by_category["optimizer"] < plain.peak_by_category["optimizer"]
 
 
 def test_freeze_unknown_layer_is_clear():

@@ -70,7 +70,9 @@ def test_prefer_accuracy_avoids_lossy_methods_when_exact_ones_fit(tmp_path):
     device = _profile(tmp_path, 45)  # checkpointing fits (40 MiB); plain needs 100
     m = create_model("cifar_resnet20")
     exact = plan_for(m, (3, 32, 32), 64, device, prefer="accuracy")
-    assert exact.risk == 0 and exact.layers and set(exact.layers.values()) == {"checkpoint"}
+    assert (
+        exact.risk == 0 and exact.choices.layers and {c.name for c in exact.choices.layers.values()} == {"checkpoint"}
+    )
     fast = plan_for(m, (3, 32, 32), 64, device, prefer="speed")
     assert fast.overhead <= exact.overhead
 
