@@ -42,7 +42,7 @@ def test_estimate_measure_agrees_for_partial_update(cli_json):
 def test_plan_with_a_low_rank_method(cli_json, tmp_path):
     doc = cli_json("plan", "-d", "cpu", "-m", "cifar_resnet8", "-b", "8", "-s", "32", "--method", "tucker2",
                    "--out", str(tmp_path / "p.yaml"))  # fmt: skip
-    assert doc["methods"][0] == "tucker2" and doc["risk"] >= 5
+    assert doc["choices"]["methods"][0] == "tucker2" and doc["risk"] >= 5
     assert doc["candidates"][0]["plan"] == "tucker2" and "tucker2 alone" in doc["reasons"][0]
     small = {**SMALL, "batch_size": 8, "input_size": 32}  # what the plan was made for
     r = fit(FitConfig(device="cpu", plan=str(tmp_path / "p.yaml"), out=str(tmp_path / "run"), max_steps=1, **small))

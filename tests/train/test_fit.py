@@ -222,7 +222,7 @@ def test_plan_file_round_trip_and_bad_plan(tmp_path, cli):
         )
     )
     plan = out / "plan.yaml"
-    assert "checkpoint" in plan.read_text() and "version: 2" in plan.read_text()
+    assert "checkpoint" in plan.read_text() and "version: 3" in plan.read_text()
     made_for = dict(SMALL, input_size=32, batch_size=64)  # a plan is refused for another batch or size
     r = fit(FitConfig(device="cpu", plan=str(plan), out=str(tmp_path / "b"), epochs=1, max_steps=1, **made_for))
     assert r["methods"] == ["checkpoint"]
