@@ -226,6 +226,11 @@ def planned_handlers(scope: str) -> list[MethodHandler]:
     return [METHODS.get(n) for n in METHODS if METHODS.get(n).plan_scope == scope]
 
 
+def as_config(method: MethodConfig | str) -> MethodConfig:
+    """A spec parsed (once, where it enters), or a config as it is."""
+    return method if isinstance(method, MethodConfig) else parse_spec(str(method))
+
+
 def structural_specs(specs: list[str]) -> list[str]:
     """The specs among `specs` whose methods change the layers themselves (low-rank): applied
     before everything else, and planned on top of rather than chosen by the planner."""
@@ -284,7 +289,7 @@ def prepare(
     `shapes_only`: the weights' values will not be used (see `MethodConfig.for_shapes`).
     `unused`: a per-module method that finds no eligible layer is kept (in the configs),
     refused ("error": `UnusedMethod`) or dropped ("drop")."""
-    configs = [parse_spec(m) if isinstance(m, str) else m for m in methods]
+    configs = [as_config(m) for m in methods]
     configs = [c.for_shapes() for c in configs] if shapes_only else configs
     if configs and not inplace:
         model = copy.deepcopy(model)

@@ -24,7 +24,7 @@ from edgetrain.memory.predict import (
     predict_step,
 )
 from edgetrain.memory.tracker import MemoryReport
-from edgetrain.methods.base import MethodConfig, handler_for, parse_spec, prepare
+from edgetrain.methods.base import MethodConfig, as_config, handler_for, prepare
 
 
 @dataclass
@@ -84,7 +84,7 @@ def estimate(
     unseen = sum(handler_for(c).unseen_bytes(prepared, c) for c in configs)
     report, predicted = predict_step(prepared, spec, profile, name, unseen)
     skipped = [m if isinstance(m, str) else m.name for m in methods
-               if (parse_spec(m) if isinstance(m, str) else m).for_shapes() not in configs]  # fmt: skip
+               if as_config(m).for_shapes() not in configs]  # fmt: skip
     return Estimate(
         name, tuple(input_shape), batch_size, optimizer, profile.name if profile else None,
         [c.name for c in configs], predicted, budget, skipped=skipped, report=report,

@@ -21,7 +21,7 @@ from torch import nn
 from edgetrain.core.step import StepSettings
 from edgetrain.errors import ConfigError, EdgetrainError
 from edgetrain.memory.predict import Prediction
-from edgetrain.methods.base import MethodConfig, apply_method_, handler_for, parse_spec, spec_of, step_settings_for
+from edgetrain.methods.base import MethodConfig, apply_method_, as_config, handler_for, spec_of, step_settings_for
 
 PLAN_VERSION = 3
 _REQUEST = ("model", "input_shape", "batch_size", "optimizer", "device", "budget_bytes", "prefer")
@@ -44,10 +44,6 @@ class PlanRequest:
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
 
 
-def _config(spec: MethodConfig | str) -> MethodConfig:
-    return spec if isinstance(spec, MethodConfig) else parse_spec(str(spec))
-
-
 @dataclass
 class Choices:
     """What to apply: step-wide `methods` and per-layer `layers` (name -> config); `shapes`
@@ -58,8 +54,8 @@ class Choices:
     shapes: dict[str, list[list[int]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.methods = [_config(m) for m in self.methods]
-        self.layers = {n: _config(c) for n, c in self.layers.items()}
+        self.methods = [as_config(m) for m in self.methods]
+        self.layers = {n: as_config(c) for n, c in self.layers.items()}
 
     @property
     def is_plain(self) -> bool:

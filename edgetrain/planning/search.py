@@ -29,9 +29,9 @@ from edgetrain.methods.base import (
     METHODS,
     MethodConfig,
     StepEffect,
+    as_config,
     handler_for,
     list_methods,
-    parse_spec,
     planned_handlers,
     prepare,
     spec_of,
@@ -224,7 +224,7 @@ def plan_for(
     if prefer not in PREFER:
         raise ConfigError(f"--prefer must be speed or accuracy, got {prefer!r}")
     profile = get_device(device)
-    configs = [m if isinstance(m, MethodConfig) else parse_spec(m) for m in methods]
+    configs = [as_config(m) for m in methods]
     for c in configs:
         if not c.structural:
             raise ConfigError(f"method '{spec_of(c)}' is one the planner chooses itself: give only low-rank "
