@@ -79,11 +79,11 @@ def toy(monkeypatch):
 
 def _plan(budget_mib: int):
     model = create_model("cifar_resnet20")
-    return plan_for(model, (3, 32, 32), 128, "gtx750-1gb", name="cifar_resnet20", budget_bytes=budget_mib * MiB)
+    return plan_for(model, (3, 32, 32), 64, "gtx750-1gb", name="cifar_resnet20", budget_bytes=budget_mib * MiB)
 
 
 def _budget() -> int:
-    plain = estimate(create_model("cifar_resnet20"), (3, 32, 32), 128, device="gtx750-1gb")
+    plain = estimate(create_model("cifar_resnet20"), (3, 32, 32), 64, device="gtx750-1gb")
     return int(plain.predicted.peak_device_bytes * 0.75 / MiB)
 
 
