@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import torch
+from timing import interleaved_times
 
-from edgetrain.core.step import StepSpec, make_optimizer, train_step
+from edgetrain.core.step import StepSpec
 from edgetrain.memory.measure import tracked_step
 from edgetrain.methods.base import prepare
 from edgetrain.models import create_model
@@ -39,24 +40,6 @@ METHODS = [
 ]
 
 
-def _interleaved_times(steps: list, repeat: int) -> list[float]:
-    """Median step time of each (model, spec) with the methods taking turns, step by step, so that
-    the machine's drift hits them all alike."""
-    runs = []
-    for model, spec in steps:
-        opt = make_optimizer("sgd", model.parameters())
-        x, y = torch.randn(spec.batch_size, *spec.input_shape), torch.randint(0, 10, (spec.batch_size,))
-        train_step(model, x, y, opt, spec.settings)  # warm-up
-        runs.append((model, spec, opt, x, y))
-    times: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeat):
-        for i, (model, spec, opt, x, y) in enumerate(runs):
-            t0 = time.perf_counter()
-            train_step(model, x, y, opt, spec.settings)
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
-
-
 def bytes_table(quick: bool) -> list[dict]:
     print("\n1. saved activations and step time, ratios to plain fp32 (real steps; methods take turns, medians)")
     print(f"{'case':<22} {'method':<24} {'saved MiB':>10} {'x plain':>8} {'target':>7} {'est err':>8} "
@@ -73,7 +56,7 @@ def bytes_table(quick: bool) -> list[dict]:
                 pred = estimate(model, (3, size, size), batch, methods=methods).predicted.peak_total_bytes
                 case.append((label, target, rep, pred))
                 steps.append((m, spec))
-            secs = _interleaved_times(steps, 2 if quick else 5)
+            secs = interleaved_times(steps, 2 if quick else 5)
             for (label, target, rep, pred), sec in zip(case, secs, strict=True):
                 row = {"model": name, "size": size, "batch": batch, "method": label, "saved": rep.saved_activation_bytes,
                        "ratio": rep.saved_activation_bytes / case[0][2].saved_activation_bytes, "target": target,

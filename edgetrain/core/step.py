@@ -37,19 +37,27 @@ class StepTracker(Protocol):
 
 @dataclass(frozen=True)
 class StepSettings:
-    """Global settings of a step: autocast precision, micro-batches per optimizer step, and an
-    orthogonality regularizer (`orth`, see methods/orthogonality.py) added to the loss."""
+    """Global settings of a step: autocast precision, micro-batches per optimizer step, an
+    orthogonality regularizer (`orth`, see methods/orthogonality.py) added to the loss, and
+    `step_in_backward`: each parameter is updated as soon as its gradient is complete (during the
+    last micro-batch's backward) and its gradient freed, so the gradients are never all held."""
 
     precision: str = "fp32"
     micro_batches: int = 1
     orth: str = ""
     orth_weight: float = 0.0
+    step_in_backward: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision '{self.precision}' unknown: use one of {list(PRECISIONS)}")
         if self.micro_batches < 1:
             raise ConfigError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if self.step_in_backward and self.precision == "fp16":
+            raise ConfigError(
+                "the optimizer step in backward cannot run with fp16: loss scaling must see every gradient "
+                "before any step; use bf16 or drop step-in-backward"
+            )
 
 
 @dataclass(frozen=True)
@@ -63,13 +71,16 @@ class StepSpec:
     settings: StepSettings = StepSettings()
 
 
+OPTIMIZERS = {"sgd": 1, "adamw": 2}  # the optimizers edgetrain knows -> state tensors per trainable parameter
+
+
 def make_optimizer(name: str, params, lr: float = 0.05) -> torch.optim.Optimizer:
     """The optimizers edgetrain knows, with the defaults its memory figures assume. Weight decay
     applies to weight matrices and kernels only: decaying BatchNorm scales and biases pulls them
     towards zero for nothing (it hurts most on small datasets, where it is most of the signal)."""
     params = [p for p in params if p.requires_grad]
     decay, no_decay = [p for p in params if p.dim() > 1], [p for p in params if p.dim() <= 1]
-    if name not in ("sgd", "adamw"):
+    if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer '{name}' unknown: use sgd or adamw")
     wd = 5e-4 if name == "sgd" else 1e-2
     groups = [
@@ -99,16 +110,19 @@ def train_step(
     With a tracker, marks the phases and labels what is held at the end of each forward pass
     as saved activations, then gradients and optimizer state once they exist.
     """
+    if scaler and settings.step_in_backward:
+        raise ConfigError("the optimizer step in backward cannot run with a GradScaler (fp16): use bf16 or fp32")
     tr = tracker or _NullTracker()
     total = x.new_zeros(())
-    chunks = max(1, min(settings.micro_batches, x.shape[0]))
-    for xc, yc in zip(x.chunk(chunks), y.chunk(chunks), strict=True):
+    n = max(1, min(settings.micro_batches, x.shape[0]))
+    for i, (xc, yc) in enumerate(zip(x.chunk(n), y.chunk(n), strict=True)):
         with tr.in_phase("forward"), _autocast(x, settings.precision):
             loss = nn.functional.cross_entropy(model(xc), yc) * (xc.shape[0] / x.shape[0])
             if settings.orth:
                 loss = loss + settings.orth_weight * (xc.shape[0] / x.shape[0]) * _penalty(model, settings.orth)
         tr.label_live("activations", "forward")
-        with tr.in_phase("backward"):
+        last = settings.step_in_backward and i == n - 1
+        with tr.in_phase("backward"), _step_in_backward(model, optimizer) if last else contextlib.nullcontext():
             (scaler.scale(loss) if scaler else loss).backward()
         total = total + loss.detach()
     tr.track((p.grad for p in model.parameters()), "gradients")
@@ -116,11 +130,58 @@ def train_step(
         if scaler:
             scaler.step(optimizer)
             scaler.update()
-        else:
+        elif not settings.step_in_backward:  # else every parameter was updated in backward
             optimizer.step()
     tr.track(optimizer_state_tensors(optimizer), "optimizer")
     optimizer.zero_grad(set_to_none=True)
     return total
+
+
+@contextlib.contextmanager
+def _step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Update each trainable parameter as soon as its gradient is complete, then free the gradient.
+
+    `optimizer.step()` updates only parameters that have a gradient, and each one's update reads
+    only its own gradient and state, so stepping one at a time is the same update as one step at the
+    end (SGD with momentum and weight decay, AdamW): exact. The autograd engine sums every use of a
+    parameter before its accumulate hook runs, so shared weights are stepped once."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+
+    def hook(p: torch.Tensor) -> None:
+        # after earlier micro-batches the others hold partial sums: hidden while `p` is stepped
+        others = [(q, q.grad) for q in params if q is not p and q.grad is not None]
+        for q, _ in others:
+            q.grad = None
+        with _in_place_weight_decay(optimizer, group_of[id(p)], p):
+            optimizer.step()
+        p.grad = None
+        for q, g in others:
+            q.grad = g
+
+    handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _in_place_weight_decay(optimizer: torch.optim.Optimizer, group: dict, p: torch.Tensor):
+    """SGD adds weight decay into a copy of the gradient (`grad.add(param)`), a tensor as large as
+    the parameter, made at the activation peak when stepping in backward: the same sum is done in
+    place instead, and the group's decay is off for this step."""
+    wd = group.get("weight_decay", 0.0)
+    if not (isinstance(optimizer, torch.optim.SGD) and wd and p.grad is not None):
+        yield
+        return
+    p.grad.add_(p, alpha=wd)
+    group["weight_decay"] = 0.0
+    try:
+        yield
+    finally:
+        group["weight_decay"] = wd
 
 
 def _penalty(model: nn.Module, kind: str) -> torch.Tensor:

@@ -28,7 +28,10 @@ from edgetrain.errors import ConfigError
 if TYPE_CHECKING:
     from edgetrain.devices.profile import DeviceProfile
 
-UNIT_KINDS = ("block", "layer")  # what the planner chooses per, outermost first
+# What the planner chooses per, outermost first. A run of blocks (a stage of shape-preserving
+# blocks) holds the blocks and layers inside it: either one run option, or options inside. The
+# optimizer is planned step-wide (`StepEffect.gradient_scale`, `state_scale`).
+UNIT_KINDS = ("run", "block", "layer")
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,13 @@ class UnitCost:
 class StepEffect:
     """A step-wide config as the planner models it: saved activations of dtype-keeping options
     scale by `activation_scale`, every activation is held for 1/`batch_divisor` of the batch at a
-    time, the step takes `time_factor` times as long, and it risks `risk` ranks of accuracy."""
+    time, `gradient_scale` and `state_scale` of the gradient and optimizer-state bytes are held at
+    the peak, the step takes `time_factor` times as long, and it risks `risk` ranks of accuracy."""
 
     activation_scale: float = 1.0
     batch_divisor: int = 1
+    gradient_scale: float = 1.0
+    state_scale: float = 1.0
     time_factor: float = 1.0
     risk: int = 0
     reason: str = ""
@@ -366,4 +372,14 @@ def _coerce(value: str, typ: Any, spec: str, key: str) -> Any:
 
 def _load_builtin() -> None:
     """Import the built-in method modules so that they register (once)."""
-    from edgetrain.methods import checkpoint, compress, freeze, lowrank, orthogonality, partial, precision, reversible  # noqa: F401
+    from edgetrain.methods import (  # noqa: F401
+        checkpoint,
+        compress,
+        freeze,
+        lowrank,
+        orthogonality,
+        partial,
+        precision,
+        reversible,
+        step_in_backward,
+    )

@@ -37,11 +37,20 @@ from edgetrain.methods.base import (
     spec_of,
 )  # fmt: skip
 from edgetrain.planning.estimate import Estimate, estimate
+from edgetrain.planning.knapsack import knapsack, pareto
 from edgetrain.planning.record import Choices, Plan, PlanRequest, apply_plan_, param_shapes
-from edgetrain.planning.units import Option, Unit, UnitTable, has_batchnorm, option_seconds, step_seconds, unit_table
+from edgetrain.planning.units import (
+    Fixed,
+    Option,
+    Unit,
+    UnitTable,
+    has_batchnorm,
+    option_seconds,
+    step_seconds,
+    unit_table,
+)  # fmt: skip
 
 PREFER = {"speed": 0.05, "accuracy": 2.0}  # weight of one risk rank against a 100% time overhead
-BUCKETS = 512
 MiB = 2**20
 
 
@@ -63,54 +72,19 @@ class StepWide:
         """Activations are held for 1/divisor of the batch at a time."""
         return math.prod(e.batch_divisor for e in self.effects)
 
+    def fixed(self, f: Fixed, largest_gradient: int = 0) -> int:
+        """Fixed bytes held at the peak under this setting. Gradients accumulated over micro-batches
+        are all held, whatever frees them later; and the largest gradient is whole at some time."""
+        scale = 1.0 if self.divisor > 1 else math.prod(e.gradient_scale for e in self.effects)
+        grads = max(int(f.gradients * scale), min(f.gradients, largest_gradient))
+        return f.params + grads + int(f.state * math.prod(e.state_scale for e in self.effects))
+
     def activations(self, nbytes: int, keeps_dtype: bool = True) -> int:
         """Saved bytes under this setting (dtype-keeping ones scale with the precision)."""
         for e in self.effects:
             if keeps_dtype and e.activation_scale != 1.0:
                 nbytes = int(nbytes * e.activation_scale)
         return nbytes // self.divisor
-
-
-def knapsack(
-    items: list[list[tuple[int, float]]], capacity: int, buckets: int = BUCKETS
-) -> tuple[list[int], float] | None:
-    """One option per unit (bytes, cost) minimising total cost with total bytes <= capacity.
-    Bytes are rounded up to capacity/buckets, so a returned choice always fits. None: nothing fits."""
-    if capacity < 0:
-        return None
-    q = max(capacity, 1) / buckets
-    inf = float("inf")
-    dp = [0.0] * (buckets + 1)  # dp[j]: least cost of the units so far within j buckets
-    back: list[list[int]] = []
-    for opts in items:
-        w = [math.ceil(b / q - 1e-9) for b, _ in opts]
-        new, pick = [inf] * (buckets + 1), [-1] * (buckets + 1)
-        for j in range(buckets + 1):
-            for k, (wk, (_, c)) in enumerate(zip(w, opts, strict=True)):
-                if wk <= j and dp[j - wk] + c < new[j]:
-                    new[j], pick[j] = dp[j - wk] + c, k
-        dp = new
-        back.append(pick)
-    if dp[buckets] == inf:
-        return None
-    choice, j = [], buckets
-    for opts, pick in zip(reversed(items), reversed(back), strict=True):
-        k = pick[j]
-        choice.append(k)
-        j -= math.ceil(opts[k][0] / q - 1e-9)
-    return choice[::-1], dp[buckets]
-
-
-def brute_force(items: list[list[tuple[int, float]]], capacity: int, buckets: int = BUCKETS) -> float | None:
-    """The same problem by enumeration (tests check `knapsack` against it on small cases)."""
-    q = max(capacity, 1) / buckets
-    best = None
-    for combo in itertools.product(*[range(len(o)) for o in items]):
-        w = sum(math.ceil(items[u][k][0] / q - 1e-9) for u, k in enumerate(combo))
-        c = sum(items[u][k][1] for u, k in enumerate(combo))
-        if w <= buckets and (best is None or c < best):
-            best = c
-    return best
 
 
 def step_wide_options(profile: DeviceProfile, batch_size: int, has_bn: bool = True) -> list[StepWide]:
@@ -137,7 +111,10 @@ class Planner:
         self.plain = plain
         self.table: UnitTable = unit_table(model, spec)
         self.t0 = step_seconds(self.table, profile)
-        self.total_saved = sum(u.saved[None] for u in self.table.units) or 1
+        self.top = [u for u in self.table.units if u.parent is None]
+        self.inside = {r.name: [u for u in self.table.units if u.parent == r.name] for r in self.top}
+        self.by_name = {u.name: u for u in self.table.units}
+        self.total_saved = sum(u.saved[None] for u in self.top) or 1
         # the device level over the tensor level (allocator rounding and fragmentation), from plain
         self.workspace = profile.workspace_bytes
         self.device_ratio = max(
@@ -149,24 +126,44 @@ class Planner:
         keeps = option is None or handler_for(option).keeps_dtype(option)
         return g.activations(unit.saved[option], keeps)
 
-    def _items(self, g: StepWide, budget: int) -> tuple[list[list[Option]], list[list[tuple[int, float]]]]:
-        opts, items = [], []
-        for u in self.table.units:
-            allowed = [o for o in u.options if self._floor(o, g) <= budget]
-            opts.append(allowed)
-            items.append([(self._saved(o, u, g), self._cost(u, o)) for o in allowed])
-        return opts, items
+    def _bytes(self, option: Option, unit: Unit, g: StepWide) -> int:
+        """What `option` holds on `unit`: its saved activations, and its fixed bytes over plain's."""
+        return self._saved(option, unit, g) + g.fixed(unit.fixed[option]) - g.fixed(unit.fixed[None])
+
+    def _choices(self, u: Unit, g: StepWide, budget: float) -> list[tuple[dict[str, Option], int, float]]:
+        return [({u.name: o}, self._bytes(o, u, g), self._cost(u, o)) for o in u.options if self._floor(o, g) <= budget]
+
+    def groups(self, g: StepWide, budget: float = math.inf) -> list[list[tuple[dict[str, Option], int, float]]]:
+        """Per outermost unit the choices allowed: (option by unit, bytes, cost). A run of blocks offers
+        its own options, and the Pareto front of the joint options of the units inside it."""
+        out = []
+        for u in self.top:
+            mine = self._choices(u, g, budget)
+            inside = self.inside.get(u.name)
+            if inside:
+                rest = self._saved(None, u, g) - sum(self._saved(None, c, g) for c in inside)
+                joint = pareto([self._choices(c, g, budget) for c in inside])
+                mine = [m for m in mine if m[0][u.name] is not None]
+                mine += [({k: v for d in w for k, v in d.items()}, rest + b, c) for w, b, c in joint]
+            out.append(mine)
+        return out
 
     def _cost(self, unit: Unit, option: Option) -> float:
         share = unit.saved[None] / self.total_saved
         return option_seconds(unit, option, self.profile) / self.t0 + self.weight * _risk(option) * share
 
+    def least_fixed(self, g: StepWide) -> int:
+        """The least fixed bytes any plan under `g` holds (every unit at its lightest weights)."""
+        units = self.table.units
+        return g.fixed(self.table.fixed) + sum(
+            min(g.fixed(u.fixed[o]) - g.fixed(u.fixed[None]) for o in u.options) for u in units
+        )
+
     def _floor(self, option: Option, g: StepWide) -> int:
         """A peak no plan using `option` goes below (the all-`option` run's, when above its linear model)."""
-        if option is None or option not in self.table.peaks:
+        if option is None or option not in self.table.acts:
             return 0
-        fixed = self.table.fixed_bytes
-        return self.device_bytes(fixed + max(0, self.table.peaks[option] - fixed) // g.divisor)
+        return self.device_bytes(self.least_fixed(g) + max(0, self.table.acts[option]) // g.divisor)
 
     def device_bytes(self, tensor_bytes: int) -> int:
         return int(tensor_bytes * self.device_ratio) + self.workspace
@@ -180,21 +177,32 @@ class Planner:
         risk = sum(e.risk for e in g.effects)
         return factor - 1 + self.weight * risk, factor
 
+    def least_peak(self, g: StepWide) -> int:
+        """The modelled tensor peak under `g` with every unit at its lightest option."""
+        plain_act = self.plain.predicted.peak_total_bytes - self.table.fixed.total
+        least = sum(min(b for _, b, _ in group) for group in self.groups(g)) - self._plain_saved(g)
+        return g.fixed(self.table.fixed, self.table.largest_gradient) + g.activations(plain_act) + least
+
+    def _plain_saved(self, g: StepWide) -> int:
+        return sum(self._saved(None, u, g) for u in self.top)
+
     def solve(self, g: StepWide, budget: int) -> tuple[dict[str, Option], float, float] | None:
         """Per-unit options under setting `g` whose modelled device peak fits `budget`:
         ({unit: option}, cost, predicted time factor); None when none does."""
-        plain_act = self.plain.predicted.peak_total_bytes - self.table.fixed_bytes
-        act_budget = self.tensor_bytes(budget) - self.table.fixed_bytes
-        base_act = g.activations(plain_act)
-        opts, items = self._items(g, budget)
-        plain_saved = sum(self._saved(None, u, g) for u in self.table.units)
-        # linear model: act = base_act - plain_saved + sum(saved of choice) <= act_budget
-        got = knapsack(items, act_budget - base_act + plain_saved)
+        plain_act = self.plain.predicted.peak_total_bytes - self.table.fixed.total
+        act_budget = self.tensor_bytes(budget) - g.fixed(self.table.fixed, self.table.largest_gradient)
+        groups = self.groups(g, budget)
+        if not all(groups):
+            return None
+        shift = [min(b for _, b, _ in group) for group in groups]  # the knapsack's weights are not negative
+        items = [[(b - lo, c) for _, b, c in group] for group, lo in zip(groups, shift, strict=True)]
+        # linear model: act = base_act - plain_saved + sum(bytes of choice) <= act_budget
+        got = knapsack(items, act_budget - g.activations(plain_act) + self._plain_saved(g) - sum(shift))
         if got is None:
             return None
         choice, cost = got
-        chosen = {u.name: opts[i][k] for i, (u, k) in enumerate(zip(self.table.units, choice, strict=True))}
-        extra = sum(option_seconds(u, chosen[u.name], self.profile) for u in self.table.units) / self.t0
+        chosen = {k: v for group, i in zip(groups, choice, strict=True) for k, v in group[i][0].items()}
+        extra = sum(option_seconds(self.by_name[n], o, self.profile) for n, o in chosen.items()) / self.t0
         gcost, factor = self.global_cost(g)
         return chosen, cost + gcost, factor * (1 + extra)
 
@@ -281,7 +289,7 @@ def _search(model: nn.Module, request: PlanRequest, profile: DeviceProfile, num_
             rows.append({"plan": g.label() + " (nothing fits)", "fits": False})
             continue
         found.append((got[1], g, got))
-    found.sort(key=lambda f: f[0])
+    found = _undominated(found)
     for i, (_, g, got) in enumerate(found):
         verified = _verify(planner, g, got, budget, lambda c: _exact(model, c, request, profile, num_classes))
         if verified is None:
@@ -295,7 +303,23 @@ def _search(model: nn.Module, request: PlanRequest, profile: DeviceProfile, num_
                 {"plan": p2.summary(), "peak_device_bytes": None, "overhead": f2, "risk": _plan_risk(p2), "fits": None}
             )
         return _finish(doc, cand, est, factor, rows, _reasons(planner, g, cand, est, budget, base))
-    raise _not_fit(planner, request, lambda c: _exact(model, c, request, profile, num_classes), profile.name)
+    g, p, est = _lightest(planner, request.batch_size, lambda c: _exact(model, c, request, profile, num_classes))
+    if est.predicted.peak_device_bytes <= budget:  # the linear model erred high; the exact check says it fits
+        rows.append({**_row(p, est, planner.global_cost(g)[1], True), "chosen": True})
+        why = "the modelled plans did not fit; the lightest plan, estimated exactly, does"
+        return _finish(doc, p, est, planner.global_cost(g)[1], rows, [why, *_reasons(planner, g, p, est, budget, base)])
+    raise _not_fit(planner, request, g, p, est)
+
+
+def _undominated(found: list[tuple[float, StepWide, tuple]]) -> list[tuple[float, StepWide, tuple]]:
+    """Step-wide settings by cost, less those that choose the same per-unit options as a setting made
+    of some of their configs, at no less cost: a config that changes nothing modelled is dropped."""
+    found = sorted(found, key=lambda f: f[0])
+    keep: list[tuple[float, StepWide, tuple]] = []
+    for f in found:
+        if not any(set(k[1].configs) < set(f[1].configs) and k[2][0] == f[2][0] for k in keep):
+            keep.append(f)
+    return keep
 
 
 def _exact(model: nn.Module, choices: Choices, request: PlanRequest, profile: DeviceProfile, num_classes) -> Estimate:
@@ -353,6 +377,9 @@ def _reasons(planner: Planner, g: StepWide, p: Choices, est: Estimate, budget: i
             cost = option_seconds(u, o, planner.profile) / planner.t0
             out.append(f"{u.name}: {spec_of(o)} keeps {planner._saved(o, u, g) / MiB:.1f} of "
                        f"{planner._saved(None, u, g) / MiB:.1f} MiB for +{cost:.1%} time")  # fmt: skip
+            if u.fixed[o] != u.fixed[None]:
+                out[-1] += (f"; its weights, gradients and optimizer state: {g.fixed(u.fixed[o]) / MiB:.1f} "
+                            f"of {g.fixed(u.fixed[None]) / MiB:.1f} MiB")  # fmt: skip
     return out
 
 
@@ -363,15 +390,21 @@ def _finish(doc: Plan, chosen: Choices, est: Estimate, factor: float, rows: list
     return doc
 
 
-def _not_fit(planner: Planner, request: PlanRequest, exact, device: str) -> BudgetError:
-    """The smallest peak reachable (everything at its most saving, finest micro-batches), and advice."""
+def _lightest(planner: Planner, batch_size: int, exact) -> tuple[StepWide, Choices, Estimate]:
+    """The plan with the least modelled peak (every unit at its lightest under the lightest step-wide
+    setting), estimated exactly."""
+    g = min(step_wide_options(planner.profile, batch_size, planner.has_bn), key=planner.least_peak)
+    grain = 2**16  # choices within 64 KiB of each other hold the same: the cheaper one is taken
+    picks = [min(group, key=lambda e: (e[1] // grain, e[2])) for group in planner.groups(g)]
+    p = planner.to_choices(g, {k: v for what, _, _ in picks for k, v in what.items()})
+    return g, p, exact(p)
+
+
+def _not_fit(planner: Planner, request: PlanRequest, g: StepWide, p: Choices, est: Estimate) -> BudgetError:
+    """The smallest peak reachable (the lightest plan's), and advice."""
     budget, batch_size, input_shape = request.budget_bytes, request.batch_size, request.input_shape
-    g = step_wide_options(planner.profile, batch_size, planner.has_bn)[-1]
-    least = {u.name: min(u.options, key=lambda o, u=u: planner._saved(o, u, g)) for u in planner.table.units}
-    p = planner.to_choices(g, least)
-    est = exact(p)
-    peak = est.predicted.peak_device_bytes
-    fixed = planner.table.fixed_bytes + planner.workspace  # weights, gradients, optimizer state, workspace
+    peak, device = est.predicted.peak_device_bytes, planner.profile.name
+    fixed = planner.least_fixed(g) + planner.workspace  # weights, gradients, optimizer state, workspace
     advice = (
         f"use a smaller model, change its layers (--method: one of {', '.join(_structural())}), a lighter "
         "optimizer, or train fewer layers (the weights, gradients and optimizer state alone do not fit)"

@@ -1,5 +1,9 @@
-"""What the planner chooses among: units (blocks or leftover layers), their options, and what each
+"""What the planner chooses among: units (runs of blocks, blocks, leftover layers), their options, and what each
 option costs in saved bytes (measured with fake tensors) and in step time (priced from the profile).
+
+An option may change a unit's parameters too (a layer made low-rank): each unit's parameter,
+gradient and optimizer-state bytes (`Fixed`) are counted under each option, so the planner weighs
+what an option does to the weights as well as to the activations.
 
 Units and options come from the registered handlers whose `plan_scope` is "unit" (the protocol in
 methods/base.py): a handler says which modules are units of which kind and which configs it
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from edgetrain.core.step import StepSpec
+from edgetrain.core.step import OPTIMIZERS, StepSpec
 from edgetrain.devices.profile import DeviceProfile
 from edgetrain.memory.measure import flop_hooks, tracked_step
 from edgetrain.memory.predict import quiet_fake_tensor_log
@@ -35,6 +39,26 @@ from edgetrain.planning.record import Choices, apply_plan_
 Option = MethodConfig | None  # None: plain
 
 
+@dataclass(frozen=True)
+class Fixed:
+    """The bytes a step holds besides activations: parameters and buffers, the trainable
+    parameters' gradients, and optimizer state (momentum; Adam's two moments)."""
+
+    params: int = 0
+    gradients: int = 0
+    state: int = 0
+
+    def __add__(self, other: Fixed) -> Fixed:
+        return Fixed(self.params + other.params, self.gradients + other.gradients, self.state + other.state)
+
+    def __sub__(self, other: Fixed) -> Fixed:
+        return Fixed(self.params - other.params, self.gradients - other.gradients, self.state - other.state)
+
+    @property
+    def total(self) -> int:
+        return self.params + self.gradients + self.state
+
+
 @dataclass
 class Unit:
     name: str
@@ -42,35 +66,42 @@ class Unit:
     options: tuple[Option, ...] = (None,)  # plain first, then each unit handler's candidates
     flops: int = 0  # forward FLOPs
     saved: dict[Option, int] = field(default_factory=dict)  # option -> saved bytes
+    fixed: dict[Option, Fixed] = field(default_factory=dict)  # option -> the unit's own fixed bytes
+    parent: str | None = None  # the run of blocks this unit is inside, if any
 
 
 @dataclass
 class UnitTable:
-    """Per-unit saved bytes by option, the step's fixed bytes and each all-one-option run's peak
-    (steps without warm-up: optimizer state is not there yet; only differences are used)."""
+    """Per-unit saved and fixed bytes by option, the model's fixed bytes, and each all-one-option
+    run's activation peak (steps without warm-up: optimizer state is not there yet)."""
 
     units: list[Unit]
-    peaks: dict[Option, int]  # option applied everywhere -> tensor peak of the step
-    fixed_bytes: int  # parameters + gradients + optimizer state
+    acts: dict[Option, int]  # option applied everywhere -> tensor peak of the step less its fixed bytes
+    fixed: Fixed  # the whole model's, plain
     flops: int  # forward FLOPs of the whole model
+    largest_gradient: int = 0  # a gradient is whole at least once: the floor of what a step holds of them
 
 
 def find_units(model: nn.Module, handlers: list[MethodHandler] | None = None) -> list[Unit]:
-    """Outermost modules that a unit handler calls a unit, kind by kind (blocks, then the layers
-    outside every block), each with the options the handlers offer for its kind."""
+    """The modules a unit handler calls a unit, kind by kind (`UNIT_KINDS`): the outermost of each
+    kind; runs of blocks hold the blocks and layers inside them as their `parent`; nothing inside a
+    block is a unit. Each unit has the options the handlers offer for its kind."""
     handlers = planned_handlers("unit") if handlers is None else handlers
     units: list[Unit] = []
     for kind in UNIT_KINDS:
-        taken = [u.name for u in units]
+        closed = [u.name for u in units if u.kind != "run"]
         for name, m in model.named_modules():
-            if not name or any(name == t or name.startswith(t + ".") for t in taken):
+            if not name or any(_within(name, t) for t in closed + [u.name for u in units if u.kind == kind]):
                 continue
             if any(h.unit_kind(name, m) == kind for h in handlers):
                 opts = tuple(c for h in handlers for c in h.candidates(kind))
-                units.append(Unit(name, kind, (None, *opts)))
-                if kind == UNIT_KINDS[0]:
-                    taken.append(name)  # blocks are outermost; layers are leaves
+                parent = next((u.name for u in units if u.kind == "run" and _within(name, u.name)), None)
+                units.append(Unit(name, kind, (None, *opts), parent=parent))
     return units
+
+
+def _within(name: str, outer: str) -> bool:
+    return name == outer or name.startswith(outer + ".")
 
 
 def _range_hooks(model: nn.Module, units: list[Unit], ranges: dict[str, list[int]]) -> list:
@@ -88,7 +119,7 @@ def _range_hooks(model: nn.Module, units: list[Unit], ranges: dict[str, list[int
 
     mods = dict(model.named_modules())
     hs = []
-    for u in units:
+    for u in (u for u in units if u.name in mods):  # a unit inside a replaced run is gone
         hs.append(mods[u.name].register_forward_pre_hook(lambda m, a, n=u.name: pre(m, a, n)))
         hs.append(mods[u.name].register_forward_hook(lambda m, a, o, n=u.name: post(m, a, o, n)))
     return hs
@@ -100,20 +131,23 @@ def unit_table(model: nn.Module, spec: StepSpec, units: list[Unit] | None = None
     units = units if units is not None else find_units(model)
     every = list(dict.fromkeys(o for u in units for o in u.options))
     derived = {o: handler_for(o).derived_from(o) for o in every if o is not None and handler_for(o).derived_from(o)}
-    peaks: dict[Option, int] = {}
+    acts: dict[Option, int] = {}
     flops: dict[str, int] = {}
     for option in [o for o in every if o not in derived]:
-        peaks[option] = _measure_option(model, spec, units, option, flops if option is None else None)
+        acts[option] = _measure_option(model, spec, units, option, flops if option is None else None)
     for u in units:
         for o, sources in derived.items():
             if o in u.options:
                 u.saved[o] = handler_for(o).derive(o, {s: u.saved[s] for s in sources})
+                u.fixed[o] = u.fixed[sources[0]]  # derived options keep their source's weights
         u.flops = sum(v for k, v in flops.items() if k == u.name or k.startswith(u.name + "."))
-    return UnitTable(units, peaks, fixed_bytes(model, spec.optimizer), sum(flops.values()))
+    largest = max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), default=0)
+    return UnitTable(units, acts, fixed_of(model, spec.optimizer), sum(flops.values()), largest)
 
 
 def _measure_option(model: nn.Module, spec: StepSpec, units: list[Unit], option: Option, flops: dict | None) -> int:
-    """One fake step with `option` on every unit that has it: fills `unit.saved[option]`, returns the peak."""
+    """One fake step with `option` on every unit that has it: fills each unit's `saved[option]` and
+    `fixed[option]`; returns the step's tensor peak less the changed model's fixed bytes."""
     m = copy.deepcopy(model)
     apply_plan_(m, Choices(layers={u.name: option for u in units if option is not None and option in u.options}))
     ranges: dict[str, list[int]] = {}
@@ -125,17 +159,19 @@ def _measure_option(model: nn.Module, spec: StepSpec, units: list[Unit], option:
     finally:
         for h in hooks:
             h.remove()
-    for u in units:
+    mods = dict(m.named_modules())
+    for u in (u for u in units if option in u.options):
         a, b = ranges.get(u.name, [0, 0])
         u.saved[option] = sum(rep.sizes[r] for r in range(a, b) if rep.categories[r] == "activations")
-    return rep.peak_bytes
+        u.fixed[option] = fixed_of(mods[u.name], spec.optimizer)
+    return rep.peak_bytes - fixed_of(m, spec.optimizer).total
 
 
-def fixed_bytes(model: nn.Module, optimizer: str) -> int:
-    """Parameters and buffers, plus gradients and optimizer state of the trainable ones."""
-    every = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return every + trainable * (1 + (2 if optimizer == "adamw" else 1))
+def fixed_of(module: nn.Module, optimizer: str) -> Fixed:
+    """Parameters and buffers of `module`, plus gradients and optimizer state of its trainable ones."""
+    every = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    return Fixed(every, trainable, trainable * OPTIMIZERS.get(optimizer, 1))
 
 
 def throughput(profile: DeviceProfile | None) -> tuple[float, float]:
@@ -155,7 +191,7 @@ def option_seconds(unit: Unit, option: Option, profile: DeviceProfile | None) ->
 def step_seconds(table: UnitTable, profile: DeviceProfile | None) -> float:
     """Plain step time: forward + backward FLOPs over throughput, plus activation traffic."""
     gflops, bandwidth = throughput(profile)
-    saved = sum(u.saved[None] for u in table.units)
+    saved = sum(u.saved[None] for u in table.units if u.parent is None)
     return 3 * table.flops / (gflops * 1e9) + 4 * saved / (bandwidth * 1e9)
 
 

@@ -104,7 +104,15 @@ def test_freeze_unknown_layer_is_clear():
 
 
 @pytest.mark.parametrize(
-    "spec", ["checkpoint", "precision:dtype=bf16", "microbatch:micro_batches=2", "reversible", "freeze:upto=layers"]
+    "spec",
+    [
+        "checkpoint",
+        "precision:dtype=bf16",
+        "microbatch:micro_batches=2",
+        "reversible",
+        "freeze:upto=layers",
+        "step-in-backward",
+    ],
 )
 def test_estimate_agrees_with_measured_per_method(spec):
     r = compare_case("cifar_resnet20", 16, 32, [spec])

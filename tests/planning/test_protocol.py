@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from edgetrain.errors import BudgetError
 from edgetrain.methods import base
 from edgetrain.methods.base import MethodConfig, MethodHandler, UnitCost, list_methods, register_method, swap_class_
 from edgetrain.models import create_model
@@ -153,3 +154,118 @@ def test_the_check_for_names_would_catch_one(tmp_path):
     f.write_text('"""doc names checkpoint"""\nOPTIONS = ("plain", "compress:bits=4")\n')
     strings = _strings(f)
     assert "compress:bits=4" in strings and not any("checkpoint" in s for s in strings)
+
+
+@dataclass(frozen=True)
+class SlimConfig(MethodConfig):
+    """A test method that changes the weights, not the activations: a wide linear layer becomes a
+    rank-8 pair (the planner must count its parameter, gradient and momentum bytes)."""
+
+    name: ClassVar[str] = "toy-slim"
+    risk: ClassVar[int] = 1
+    structural: ClassVar[bool] = True
+    help: ClassVar[str] = "test only: a rank-8 linear"
+
+
+class SlimHandler(MethodHandler):
+    config_type = SlimConfig
+    plan_scope = "unit"
+
+    def eligible(self, name: str, module: nn.Module, config: MethodConfig) -> bool:
+        return isinstance(module, nn.Linear) and module.in_features * module.out_features >= 2**20
+
+    def apply(self, module: nn.Module, config: MethodConfig) -> nn.Module:
+        return nn.Sequential(nn.Linear(module.in_features, 8, bias=False), nn.Linear(8, module.out_features))
+
+    def unit_kind(self, name: str, module: nn.Module) -> str | None:
+        return "layer" if self.eligible(name, module, SlimConfig()) else None
+
+    def candidates(self, kind: str) -> list[MethodConfig]:
+        return [SlimConfig()] if kind == "layer" else []
+
+
+@pytest.fixture
+def slim(monkeypatch):
+    list_methods()
+    monkeypatch.setattr(base.METHODS, "_entries", dict(base.METHODS._entries))
+    monkeypatch.setattr(base, "_BY_TYPE", dict(base._BY_TYPE))
+    return register_method(SlimHandler())
+
+
+def _wide():
+    torch.manual_seed(0)
+    layers = [m for _ in range(6) for m in (nn.ReLU(), nn.Linear(1024, 1024))]
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 1024), *layers, nn.ReLU(), nn.Linear(1024, 10))
+
+
+def test_a_method_that_shrinks_weights_is_weighed_by_the_bytes_it_frees(slim):
+    """Below what any lever on activations or gradients reaches, the planner slims just enough
+    layers: each option's parameter, gradient and optimizer-state bytes are in the knapsack."""
+    lightest = estimate(_wide(), (3, 16, 16), 8, device="gtx750-1gb", methods=["step-in-backward"])
+    budget = lightest.predicted.peak_device_bytes - 12 * MiB
+    plan = plan_for(_wide(), (3, 16, 16), 8, "gtx750-1gb", budget_bytes=budget)
+    slimmed = [n for n, c in plan.choices.layers.items() if c.name == "toy-slim"]
+    assert 1 <= len(slimmed) < 7 and plan.predicted.peak_device_bytes <= budget, plan.summary()
+    assert any("its weights, gradients and optimizer state" in r for r in plan.reasons)
+    assert plan.choices.shapes[slimmed[0]]  # the layer's shapes are recorded for loading later
+
+
+def test_without_the_slim_method_nothing_reaches_that_budget():
+    lightest = estimate(_wide(), (3, 16, 16), 8, device="gtx750-1gb", methods=["step-in-backward"])
+    with pytest.raises(BudgetError):
+        plan_for(_wide(), (3, 16, 16), 8, "gtx750-1gb", budget_bytes=lightest.predicted.peak_device_bytes - 12 * MiB)
+
+
+@dataclass(frozen=True)
+class StageConfig(MethodConfig):
+    """A test method for runs of blocks: recompute every block of the run in backward."""
+
+    name: ClassVar[str] = "toy-stage"
+    risk: ClassVar[int] = 0
+    help: ClassVar[str] = "test only: recompute a run of blocks"
+
+
+class StageHandler(ToyHandler):
+    config_type = StageConfig
+
+    def eligible(self, name: str, module: nn.Module, config: MethodConfig) -> bool:
+        kids = list(module.children())
+        return isinstance(module, nn.Sequential) and bool(kids) and all(type(k).__name__ == "BasicBlock" for k in kids)
+
+    def apply(self, module: nn.Module, config: MethodConfig) -> nn.Module:
+        for block in module.children():
+            swap_class_(block, _Toy)
+        return module
+
+    def unit_kind(self, name: str, module: nn.Module) -> str | None:
+        return "run" if self.eligible(name, module, StageConfig()) else None
+
+    def candidates(self, kind: str) -> list[MethodConfig]:
+        return [StageConfig()] if kind == "run" else []
+
+
+@pytest.fixture
+def stage(monkeypatch):
+    list_methods()
+    monkeypatch.setattr(base.METHODS, "_entries", dict(base.METHODS._entries))
+    monkeypatch.setattr(base, "_BY_TYPE", dict(base._BY_TYPE))
+    return register_method(StageHandler())
+
+
+def test_a_run_of_blocks_is_one_unit_with_its_own_options_or_its_blocks(stage):
+    """A free option on the run is taken for the whole run, and then nothing inside it is chosen;
+    a dear one is left, and the blocks inside the run get their own options instead."""
+    from edgetrain.planning.units import find_units
+
+    units = find_units(create_model("cifar_resnet20"))
+    assert units[0].name == "layers" and units[0].kind == "run"
+    inside = [u for u in units if u.name.startswith("layers.")]
+    assert len(inside) == 9 and {u.parent for u in inside} == {"layers"}
+    budget = _budget()
+    plan = _plan(budget)
+    assert [(n, c.name) for n, c in plan.choices.layers.items()] == [("layers", "toy-stage")], plan.summary()
+    assert plan.predicted.peak_device_bytes <= budget * MiB
+    stage.price = 10.0
+    plan = _plan(budget)
+    assert "layers" not in plan.choices.layers and any(n.startswith("layers.") for n in plan.choices.layers)
+    assert plan.predicted.peak_device_bytes <= budget * MiB

@@ -6,6 +6,7 @@ import random
 import re
 
 import pytest
+import torch
 
 from edgetrain.core.step import StepSpec
 from edgetrain.devices.store import get_device, save_profile
@@ -14,7 +15,7 @@ from edgetrain.memory.guard import tensor_budget
 from edgetrain.memory.measure import tracked_step
 from edgetrain.models import create_model
 from edgetrain.planning import apply_plan_, plan_for
-from edgetrain.planning.search import brute_force, knapsack
+from edgetrain.planning.knapsack import brute_force, knapsack
 
 MiB = 2**20
 
@@ -83,3 +84,30 @@ def test_nothing_fits_says_the_smallest_peak_and_what_to_do(tmp_path):
     msg = str(e.value)
     assert "nothing fits gtx750-1gb: the smallest peak reachable is" in msg and "budget of 200 MiB" in msg
     assert re.search(r"try -[bs] \d+ \(predicted to fit with that plan\)", msg) or "state alone do not fit" in msg
+
+
+def _mlp():
+    """Weights, gradients and momentum are nearly all of this net's step: only a lever on them helps."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    layers = [m for _ in range(6) for m in (nn.ReLU(), nn.Linear(1024, 1024))]
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 1024), *layers, nn.ReLU(), nn.Linear(1024, 10))
+
+
+@pytest.mark.parametrize("between", [0.5, 0.1])  # the modelled search's fit, and the exact lightest plan's
+def test_the_optimizer_step_in_backward_is_chosen_when_the_gradients_do_not_fit(between):
+    from edgetrain.planning.estimate import estimate
+
+    peaks = [estimate(_mlp(), (3, 16, 16), 8, device="gtx750-1gb", methods=m).predicted.peak_device_bytes
+             for m in ([], ["step-in-backward"])]  # fmt: skip
+    budget = int(peaks[1] + between * (peaks[0] - peaks[1]))
+    p = plan_for(_mlp(), (3, 16, 16), 8, "gtx750-1gb", budget_bytes=budget)
+    assert [c.name for c in p.choices.methods] == ["step-in-backward"] and not p.choices.layers, p.summary()
+    assert p.predicted.peak_device_bytes == peaks[1] <= budget and p.risk == 0
+    assert any("freed as soon as it is complete" in r for r in p.reasons)
+
+
+def test_below_what_the_lightest_plan_holds_nothing_fits():
+    with pytest.raises(BudgetError, match=r"smallest peak reachable is 9\d MiB \(step-in-backward\)"):
+        plan_for(_mlp(), (3, 16, 16), 8, "gtx750-1gb", budget_bytes=60 * MiB)
