@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "edgetrain"
 
 # Bottom to top. A module's layer is its longest matching prefix.
 LAYERS: list[tuple[str, ...]] = [
-    ("edgetrain.errors", "edgetrain._registry", "edgetrain.progress", "edgetrain.runtime"),
+    ("edgetrain.errors", "edgetrain._registry", "edgetrain.progress", "edgetrain.levels", "edgetrain.runtime"),
     ("edgetrain.core",),
     ("edgetrain.devices",),
     ("edgetrain.memory",),

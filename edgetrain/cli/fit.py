@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from edgetrain.cli.common import Verb, add_json, print_json
+from edgetrain.levels import CHANGE_LEVELS
 
 
 class Fit(Verb):
@@ -37,6 +38,8 @@ class Fit(Verb):
         p.add_argument("--skip-unused", action="store_true",
                        help="drop a --method that finds no eligible layer (with a line) instead of refusing")  # fmt: skip
         p.add_argument("--prefer", choices=("speed", "accuracy"), help="the planner's objective (default speed)")
+        p.add_argument("--allow", choices=CHANGE_LEVELS,
+                       help="how much the plan may change training (default lossy; architecture: low-rank layers)")  # fmt: skip
         p.add_argument("--plan", metavar="YAML", help="use this plan file (e.g. an earlier run's plan.yaml); "
                        "model, batch, input size, optimizer and device come from it")  # fmt: skip
         p.add_argument("--init", metavar="PT", help="start from these weights (an earlier run's model.pt); "

@@ -32,8 +32,15 @@ VERBS: list[Verb] = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line (what is wrong, and where the help is), not the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="edgetrain", description="Fit CNN training into small GPUs and Jetson boards."
     )
     parser.add_argument(
@@ -50,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one clear line and a non-zero exit for any user error."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error, already printed in one line (2)
+        return int(e.code or 0)
     from edgetrain.devices.store import add_profile_dir
 
     try:

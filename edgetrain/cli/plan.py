@@ -6,6 +6,7 @@ import argparse
 
 from edgetrain.cli.common import Verb, add_json, mib, print_json, table
 from edgetrain.cli.estimate import add_model_args
+from edgetrain.levels import CHANGE_LEVELS, DEFAULT_ALLOW
 
 
 class PlanVerb(Verb):
@@ -16,6 +17,7 @@ class PlanVerb(Verb):
         "edgetrain plan -d jetson-nano -m mobilenet_v2 -b 128 -s 224 --prefer accuracy --out plan.yaml",
         "edgetrain plan -d gtx750-1gb -m resnet18 -b 32 -s 224 --plot plan.png --json",
         "edgetrain plan -d jetson-nano -m resnet18 -b 16 -s 64 --verify",
+        "edgetrain plan -d gtx750-1gb -m vgg11_bn -b 32 -s 224 --allow architecture",
         "edgetrain plan -d jetson-nano -m resnet18 -b 64 -s 128 --method tucker2:ratio=0.5 --method partial",
         "edgetrain fit -d jetson-nano --plan plan.yaml   # train with it",
     )
@@ -25,6 +27,9 @@ class PlanVerb(Verb):
         p.add_argument("--device", "-d", default="gtx750-1gb", help="device profile name or YAML path")
         p.add_argument("--prefer", choices=("speed", "accuracy"), default="speed",
                        help="weigh step time (speed) or accuracy risk (accuracy) first")  # fmt: skip
+        p.add_argument("--allow", choices=CHANGE_LEVELS, default=DEFAULT_ALLOW,
+                       help="how much the plan may change training: exact levers only, plus lossy ones (default), "
+                       "plus changes to the layers (low-rank)")  # fmt: skip
         p.add_argument("--method", action="append", default=[], metavar="SPEC",
                        help="a low-rank method to apply first (tucker2, cp, partial); the rest is planned")  # fmt: skip
         p.add_argument("--out", "-o", metavar="FILE", help="write the plan (YAML, or JSON for *.json)")
@@ -40,7 +45,7 @@ class PlanVerb(Verb):
         model = create_model(args.model, args.num_classes)
         shape = (args.channels, args.input_size, args.input_size)
         plan = plan_for(model, shape, args.batch_size, resolve_profile(args.device), args.optimizer, args.prefer, args.model,
-                        args.num_classes, methods=args.method)  # fmt: skip
+                        args.num_classes, methods=args.method, allow=args.allow)  # fmt: skip
         measured = verify(plan, args) if args.verify else None
         if args.out:
             plan.save(args.out)

@@ -32,19 +32,22 @@ def tracked_step(
     round_to: int = 1,
     warmup: bool = True,
     inplace: bool = False,
+    held_batch: int | None = None,
 ) -> MemoryReport:
     """The steady-state training step's memory: one untracked warm-up step creates optimizer
     state, then one tracked step. Works on a copy, so `model` itself is not trained, unless
-    `inplace` (a real step on `model` itself: what a measuring process does to hold nothing more)."""
+    `inplace` (a real step on `model` itself: what a measuring process does to hold nothing more).
+    `held_batch`: the input is made that large and the step runs on its first `spec.batch_size`
+    samples (a view: the whole input is held, as by a step that runs all of it)."""
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
     device = _device_of(model)
     m = fake_copy(model, mode) if fake else (model if inplace else copy.deepcopy(model))
     m.train()
     with mode:
         opt = make_optimizer(spec.optimizer, m.parameters())
-        shape = (spec.batch_size, *spec.input_shape)
-        x = torch.randn(shape, device=device)
-        y = torch.randint(0, spec.num_classes, (spec.batch_size,), device=device)
+        n = held_batch or spec.batch_size
+        x = torch.randn((n, *spec.input_shape), device=device)[: spec.batch_size]
+        y = torch.randint(0, spec.num_classes, (n,), device=device)[: spec.batch_size]
         if warmup:
             train_step(m, x, y, opt, spec.settings)
         with BudgetGuard(budget_bytes, m, opt, (x, y), round_to) as tracker:

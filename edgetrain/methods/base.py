@@ -34,6 +34,14 @@ if TYPE_CHECKING:
 UNIT_KINDS = ("run", "block", "layer")
 
 
+def change_level(config: MethodConfig, risk: int | None = None) -> str:
+    """Its `CHANGE_LEVELS` entry: 'architecture' for a config that changes the layers, else 'lossy'
+    when it risks accuracy (`risk`: a step-wide config's effective risk on this model), else 'exact'."""
+    if config.structural:
+        return "architecture"
+    return "lossy" if (config.risk if risk is None else risk) > 0 else "exact"
+
+
 @dataclass(frozen=True)
 class UnitCost:
     """What a unit's option is priced from: the unit's forward FLOPs and plain saved bytes, and the

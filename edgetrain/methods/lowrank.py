@@ -39,13 +39,17 @@ class Tucker2Config(RankRule):
     `refuse` runs each chain as one Function that recomputes the first 1x1's output in backward."""
 
     name: ClassVar[str] = "tucker2"
-    risk: ClassVar[int] = 5
     structural: ClassVar[bool] = True
     help: ClassVar[str] = "Tucker-2 conv / U·V linear (ELRT): fewer FLOPs and params; optional orthogonality reg"
     als: int = 0
     reg: str = "none"
     reg_weight: float = 1e-3
     refuse: bool = False
+
+    @property
+    def risk(self) -> int:  # type: ignore[override]
+        """5 at half the FLOPs or more, one more below a half and below a fifth: fewer ranks, more loss."""
+        return 5 + (self.ratio < 0.5) + (self.ratio < 0.2) if not (self.rank or self.energy) else 5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -137,8 +141,23 @@ def _cp_ok(conv: nn.Conv2d) -> bool:
     return conv.padding_mode == "zeros" and conv.kernel_size != (1, 1)
 
 
+PLANNED_RATIOS = (0.5, 0.25, 0.0625)  # the per-layer ratios the planner weighs, mildest first
+PLANNED_MIN_WEIGHTS = 2**20  # a linear layer is worth a planned low-rank option from a million weights
+
+
 class Tucker2Handler(_LowRankHandler):
+    """Also a planner lever (`--allow architecture`): a U·V option per wide linear layer outside the
+    blocks (vgg's 4096-wide classifiers), at three ratios; ranks follow each layer's shape."""
+
     config_type = Tucker2Config
+    plan_scope = "unit"
+
+    def unit_kind(self, name: str, module: nn.Module) -> str | None:
+        wide = isinstance(module, nn.Linear) and module.in_features * module.out_features >= PLANNED_MIN_WEIGHTS
+        return "layer" if wide and self.eligible(name, module, Tucker2Config()) else None
+
+    def candidates(self, kind: str) -> list[MethodConfig]:
+        return [Tucker2Config(ratio=r) for r in PLANNED_RATIOS] if kind == "layer" else []
 
     def apply(self, module: nn.Module, config: MethodConfig) -> nn.Module:
         if isinstance(module, nn.Linear):

@@ -20,11 +20,19 @@ from torch import nn
 
 from edgetrain.core.step import StepSettings
 from edgetrain.errors import ConfigError, EdgetrainError
+from edgetrain.levels import DEFAULT_ALLOW, check_allow
 from edgetrain.memory.predict import Prediction
-from edgetrain.methods.base import MethodConfig, apply_method_, as_config, handler_for, spec_of, step_settings_for
+from edgetrain.methods.base import (
+    MethodConfig,
+    apply_method_,
+    as_config,
+    handler_for,
+    spec_of,
+    step_settings_for,
+)  # fmt: skip
 
 PLAN_VERSION = 3
-_REQUEST = ("model", "input_shape", "batch_size", "optimizer", "device", "budget_bytes", "prefer")
+_REQUEST = ("model", "input_shape", "batch_size", "optimizer", "device", "budget_bytes", "prefer", "allow")
 _ANSWER = ("predicted", "overhead", "risk", "reasons", "candidates")
 
 
@@ -39,9 +47,11 @@ class PlanRequest:
     device: str | None = None
     budget_bytes: int | None = None
     prefer: str = "speed"
+    allow: str = DEFAULT_ALLOW  # how much the plan may change the training (CHANGE_LEVELS)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
+        check_allow(self.allow)
 
 
 @dataclass
@@ -60,6 +70,12 @@ class Choices:
     @property
     def is_plain(self) -> bool:
         return not self.methods and not self.layers
+
+    def for_shapes(self) -> Choices:
+        """The same choices with each config's cheap twin, for a model whose weights' values will not
+        be used (planning, estimating: no decomposition of weights)."""
+        return Choices([c.for_shapes() for c in self.methods], {n: c.for_shapes() for n, c in self.layers.items()},
+                       self.shapes)  # fmt: skip
 
     def summary(self) -> str:
         """'plain', or the methods with per-layer choices counted: 'bf16 + checkpoint x4 + compress:bits=4 x9'."""

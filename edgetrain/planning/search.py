@@ -1,22 +1,17 @@
 """`plan_for()`: the configuration that fits the device at the least cost.
 
-Per unit (block or leftover layer) one option among plain and what the registered per-unit
-methods offer there; step-wide, one config or none from each registered step-wide method. The
-planner reads them through the handler protocol (methods/base.py) and names none of them. For
-each step-wide setting the
-per-unit choice is a multiple-choice knapsack (saved bytes against the activation budget,
-cost = predicted time overhead + risk weight), solved exactly by dynamic programming over
-byte buckets. The cheapest setting's plan is then verified with an exact fake-tensor estimate;
-if the estimate says it does not fit, the knapsack is solved again with the overshoot taken off.
+The planner (planner.py) reads the methods through the handler protocol (methods/base.py) and
+names none of them. Step-wide settings are tried cheapest first; the chosen one's plan is
+verified with an exact fake-tensor estimate, and if the estimate says it does not fit, the
+knapsack is solved again with the overshoot taken off. Nothing fits at the `allow` level: the
+levels above are tried, and the answer says which one would do.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from torch import nn
 
@@ -24,192 +19,22 @@ from edgetrain.core.step import StepSpec
 from edgetrain.devices.profile import DeviceProfile
 from edgetrain.devices.store import get_device
 from edgetrain.errors import BudgetError, ConfigError
+from edgetrain.levels import CHANGE_LEVELS, DEFAULT_ALLOW, check_allow
+from edgetrain.memory.allocator import MiB
 from edgetrain.memory.predict import num_classes_of
 from edgetrain.methods.base import (
     METHODS,
     MethodConfig,
-    StepEffect,
     as_config,
-    handler_for,
+    change_level,
     list_methods,
-    planned_handlers,
     prepare,
     spec_of,
 )  # fmt: skip
 from edgetrain.planning.estimate import Estimate, estimate
-from edgetrain.planning.knapsack import knapsack, pareto
-from edgetrain.planning.record import Choices, Plan, PlanRequest, apply_plan_, param_shapes
-from edgetrain.planning.units import (
-    Fixed,
-    Option,
-    Unit,
-    UnitTable,
-    has_batchnorm,
-    option_seconds,
-    step_seconds,
-    unit_table,
-)  # fmt: skip
-
-PREFER = {"speed": 0.05, "accuracy": 2.0}  # weight of one risk rank against a 100% time overhead
-MiB = 2**20
-
-
-@dataclass(frozen=True)
-class StepWide:
-    """One step-wide setting: a config (or none) from each step-wide method, with their effects."""
-
-    configs: tuple[MethodConfig, ...] = ()
-    effects: tuple[StepEffect, ...] = ()
-
-    def methods(self) -> list[str]:
-        return [spec_of(c) for c in self.configs]
-
-    def label(self) -> str:
-        return "+".join(self.methods()) or "no step-wide method"
-
-    @property
-    def divisor(self) -> int:
-        """Activations are held for 1/divisor of the batch at a time."""
-        return math.prod(e.batch_divisor for e in self.effects)
-
-    def fixed(self, f: Fixed, largest_gradient: int = 0) -> int:
-        """Fixed bytes held at the peak under this setting. Gradients accumulated over micro-batches
-        are all held, whatever frees them later; and the largest gradient is whole at some time."""
-        scale = 1.0 if self.divisor > 1 else math.prod(e.gradient_scale for e in self.effects)
-        grads = max(int(f.gradients * scale), min(f.gradients, largest_gradient))
-        return f.params + grads + int(f.state * math.prod(e.state_scale for e in self.effects))
-
-    def activations(self, nbytes: int, keeps_dtype: bool = True) -> int:
-        """Saved bytes under this setting (dtype-keeping ones scale with the precision)."""
-        for e in self.effects:
-            if keeps_dtype and e.activation_scale != 1.0:
-                nbytes = int(nbytes * e.activation_scale)
-        return nbytes // self.divisor
-
-
-def step_wide_options(profile: DeviceProfile, batch_size: int, has_bn: bool = True) -> list[StepWide]:
-    """Every combination of one config or none per step-wide method (registration order: the
-    first varies slowest), from no change at all to every method at its most saving."""
-    per_method = [[None, *h.step_candidates(profile, batch_size)] for h in planned_handlers("step")]
-    out = []
-    for combo in itertools.product(*per_method):
-        configs = tuple(c for c in combo if c is not None)
-        effects = tuple(handler_for(c).step_effect(c, profile, has_bn) for c in configs)
-        out.append(StepWide(configs, effects))
-    return out
-
-
-def _risk(option: Option) -> int:
-    return 0 if option is None else int(option.risk)
-
-
-class Planner:
-    """Holds the unit table of one model/step and answers for each step-wide setting."""
-
-    def __init__(self, model: nn.Module, spec: StepSpec, profile: DeviceProfile, prefer: str, plain: Estimate):
-        self.model, self.spec, self.profile, self.weight = model, spec, profile, PREFER[prefer]
-        self.plain = plain
-        self.table: UnitTable = unit_table(model, spec)
-        self.t0 = step_seconds(self.table, profile)
-        self.top = [u for u in self.table.units if u.parent is None]
-        self.inside = {r.name: [u for u in self.table.units if u.parent == r.name] for r in self.top}
-        self.by_name = {u.name: u for u in self.table.units}
-        self.total_saved = sum(u.saved[None] for u in self.top) or 1
-        # the device level over the tensor level (allocator rounding and fragmentation), from plain
-        self.workspace = profile.workspace_bytes
-        self.device_ratio = max(
-            1.0, (plain.predicted.peak_device_bytes - self.workspace) / plain.predicted.peak_total_bytes
-        )
-        self.has_bn = has_batchnorm(model)
-
-    def _saved(self, option: Option, unit: Unit, g: StepWide) -> int:
-        keeps = option is None or handler_for(option).keeps_dtype(option)
-        return g.activations(unit.saved[option], keeps)
-
-    def _bytes(self, option: Option, unit: Unit, g: StepWide) -> int:
-        """What `option` holds on `unit`: its saved activations, and its fixed bytes over plain's."""
-        return self._saved(option, unit, g) + g.fixed(unit.fixed[option]) - g.fixed(unit.fixed[None])
-
-    def _choices(self, u: Unit, g: StepWide, budget: float) -> list[tuple[dict[str, Option], int, float]]:
-        return [({u.name: o}, self._bytes(o, u, g), self._cost(u, o)) for o in u.options if self._floor(o, g) <= budget]
-
-    def groups(self, g: StepWide, budget: float = math.inf) -> list[list[tuple[dict[str, Option], int, float]]]:
-        """Per outermost unit the choices allowed: (option by unit, bytes, cost). A run of blocks offers
-        its own options, and the Pareto front of the joint options of the units inside it."""
-        out = []
-        for u in self.top:
-            mine = self._choices(u, g, budget)
-            inside = self.inside.get(u.name)
-            if inside:
-                rest = self._saved(None, u, g) - sum(self._saved(None, c, g) for c in inside)
-                joint = pareto([self._choices(c, g, budget) for c in inside])
-                mine = [m for m in mine if m[0][u.name] is not None]
-                mine += [({k: v for d in w for k, v in d.items()}, rest + b, c) for w, b, c in joint]
-            out.append(mine)
-        return out
-
-    def _cost(self, unit: Unit, option: Option) -> float:
-        share = unit.saved[None] / self.total_saved
-        return option_seconds(unit, option, self.profile) / self.t0 + self.weight * _risk(option) * share
-
-    def least_fixed(self, g: StepWide) -> int:
-        """The least fixed bytes any plan under `g` holds (every unit at its lightest weights)."""
-        units = self.table.units
-        return g.fixed(self.table.fixed) + sum(
-            min(g.fixed(u.fixed[o]) - g.fixed(u.fixed[None]) for o in u.options) for u in units
-        )
-
-    def _floor(self, option: Option, g: StepWide) -> int:
-        """A peak no plan using `option` goes below (the all-`option` run's, when above its linear model)."""
-        if option is None or option not in self.table.acts:
-            return 0
-        return self.device_bytes(self.least_fixed(g) + max(0, self.table.acts[option]) // g.divisor)
-
-    def device_bytes(self, tensor_bytes: int) -> int:
-        return int(tensor_bytes * self.device_ratio) + self.workspace
-
-    def tensor_bytes(self, device_bytes: int) -> int:
-        return int((device_bytes - self.workspace) / self.device_ratio)
-
-    def global_cost(self, g: StepWide) -> tuple[float, float]:
-        """(cost, time factor) of a step-wide setting."""
-        factor = math.prod(e.time_factor for e in g.effects)
-        risk = sum(e.risk for e in g.effects)
-        return factor - 1 + self.weight * risk, factor
-
-    def least_peak(self, g: StepWide) -> int:
-        """The modelled tensor peak under `g` with every unit at its lightest option."""
-        plain_act = self.plain.predicted.peak_total_bytes - self.table.fixed.total
-        least = sum(min(b for _, b, _ in group) for group in self.groups(g)) - self._plain_saved(g)
-        return g.fixed(self.table.fixed, self.table.largest_gradient) + g.activations(plain_act) + least
-
-    def _plain_saved(self, g: StepWide) -> int:
-        return sum(self._saved(None, u, g) for u in self.top)
-
-    def solve(self, g: StepWide, budget: int) -> tuple[dict[str, Option], float, float] | None:
-        """Per-unit options under setting `g` whose modelled device peak fits `budget`:
-        ({unit: option}, cost, predicted time factor); None when none does."""
-        plain_act = self.plain.predicted.peak_total_bytes - self.table.fixed.total
-        act_budget = self.tensor_bytes(budget) - g.fixed(self.table.fixed, self.table.largest_gradient)
-        groups = self.groups(g, budget)
-        if not all(groups):
-            return None
-        shift = [min(b for _, b, _ in group) for group in groups]  # the knapsack's weights are not negative
-        items = [[(b - lo, c) for _, b, c in group] for group, lo in zip(groups, shift, strict=True)]
-        # linear model: act = base_act - plain_saved + sum(bytes of choice) <= act_budget
-        got = knapsack(items, act_budget - g.activations(plain_act) + self._plain_saved(g) - sum(shift))
-        if got is None:
-            return None
-        choice, cost = got
-        chosen = {k: v for group, i in zip(groups, choice, strict=True) for k, v in group[i][0].items()}
-        extra = sum(option_seconds(self.by_name[n], o, self.profile) for n, o in chosen.items()) / self.t0
-        gcost, factor = self.global_cost(g)
-        return chosen, cost + gcost, factor * (1 + extra)
-
-    def to_choices(self, g: StepWide, chosen: dict[str, Option]) -> Choices:
-        mods = dict(self.model.named_modules())
-        layers = {n: o for n, o in chosen.items() if o is not None}
-        return Choices(list(g.configs), layers, {n: param_shapes(mods[n]) for n in layers})
+from edgetrain.planning.planner import PREFER, Planner, StepWide
+from edgetrain.planning.record import Choices, Plan, PlanRequest, apply_plan_
+from edgetrain.planning.units import option_seconds
 
 
 def plan_for(
@@ -223,12 +48,14 @@ def plan_for(
     num_classes: int | None = None,
     budget_bytes: int | None = None,
     methods: Sequence[MethodConfig | str] = (),
+    allow: str = DEFAULT_ALLOW,
 ) -> Plan:
     """The least-cost plan whose predicted device peak fits `device` (or `budget_bytes`).
 
     Plain when the model fits as it is; `BudgetError` with the smallest reachable peak and what
     would make it fit when nothing does. `methods`: structural methods (low-rank layers) the user
-    chose; they are applied first and the search plans the factorized model."""
+    chose; they are applied first and the search plans the factorized model. `allow`: exact,
+    lossy (the default) or architecture, how much the plan may change the training."""
     if prefer not in PREFER:
         raise ConfigError(f"--prefer must be speed or accuracy, got {prefer!r}")
     profile = get_device(device)
@@ -241,7 +68,7 @@ def plan_for(
         model = prepare(model, configs, shapes_only=True)[0]
     base = " + ".join(map(spec_of, configs)) or "plain"
     request = PlanRequest(name, tuple(input_shape), batch_size, optimizer, profile.name,
-                          budget_bytes or profile.usable_memory_bytes, prefer)  # fmt: skip
+                          budget_bytes or profile.usable_memory_bytes, prefer, check_allow(allow))  # fmt: skip
     chosen = _search(model, request, profile, num_classes, base)
     return _with_low_rank(chosen, configs) if configs else chosen
 
@@ -267,7 +94,11 @@ def _with_low_rank(chosen: Plan, configs: list[MethodConfig]) -> Plan:
 def _search(model: nn.Module, request: PlanRequest, profile: DeviceProfile, num_classes: int | None, base: str) -> Plan:
     """The search on `model` as given; `base` names it (plain, or the low-rank methods applied)."""
     budget = request.budget_bytes
-    plain = _exact(model, Choices(), request, profile, num_classes)
+
+    def exact(c: Choices) -> Estimate:
+        return _exact(model, c, request, profile, num_classes)
+
+    plain = exact(Choices())
     doc = Plan(request)
     row = {"plan": base, "peak_device_bytes": plain.predicted.peak_device_bytes, "overhead": 1.0, "risk": 0,
            "peak_by_category": plain.predicted.peak_by_category}  # fmt: skip
@@ -281,9 +112,27 @@ def _search(model: nn.Module, request: PlanRequest, profile: DeviceProfile, num_
         return _finish(doc, Choices(), plain, 1.0, [row], [why])
     row["fits"] = False
     spec = StepSpec(request.input_shape, request.batch_size, num_classes or num_classes_of(model), request.optimizer)
-    planner = Planner(model, spec, profile, request.prefer, plain)
-    rows, found = [row], []
-    for g in step_wide_options(profile, request.batch_size, planner.has_bn):
+    planner = Planner(model, spec, profile, request.prefer, plain, request.allow)
+    rows = [row]
+    got = _first_fit(planner, budget, exact, rows)
+    if got is not None:
+        cand, est, factor, g = got
+        return _finish(doc, cand, est, factor, rows, _reasons(planner, g, cand, est, budget, base))
+    g, p, est = _lightest(planner, exact)
+    factor = planner.global_cost(g)[1]
+    if est.predicted.peak_device_bytes <= budget:  # the linear model erred high; the exact check says it fits
+        rows.append({**_row(p, est, factor, True), "chosen": True})
+        why = "the modelled plans did not fit; the lightest plan, estimated exactly, does"
+        return _finish(doc, p, est, factor, rows, [why, *_reasons(planner, g, p, est, budget, base)])
+    raise _not_fit(planner, request, p, est, _at_a_higher_level(planner, budget, exact))
+
+
+def _first_fit(
+    planner: Planner, budget: int, exact, rows: list[dict]
+) -> tuple[Choices, Estimate, float, StepWide] | None:
+    """The cheapest step-wide setting whose plan fits in the exact check; `rows` get the table."""
+    found = []
+    for g in planner.settings():
         got = planner.solve(g, budget)
         if got is None:
             rows.append({"plan": g.label() + " (nothing fits)", "fits": False})
@@ -291,7 +140,7 @@ def _search(model: nn.Module, request: PlanRequest, profile: DeviceProfile, num_
         found.append((got[1], g, got))
     found = _undominated(found)
     for i, (_, g, got) in enumerate(found):
-        verified = _verify(planner, g, got, budget, lambda c: _exact(model, c, request, profile, num_classes))
+        verified = _verify(planner, g, got, budget, exact)
         if verified is None:
             rows.append({"plan": g.label() + ": modelled to fit, over budget in the exact check", "fits": False})
             continue
@@ -302,13 +151,17 @@ def _search(model: nn.Module, request: PlanRequest, profile: DeviceProfile, num_
             rows.append(
                 {"plan": p2.summary(), "peak_device_bytes": None, "overhead": f2, "risk": _plan_risk(p2), "fits": None}
             )
-        return _finish(doc, cand, est, factor, rows, _reasons(planner, g, cand, est, budget, base))
-    g, p, est = _lightest(planner, request.batch_size, lambda c: _exact(model, c, request, profile, num_classes))
-    if est.predicted.peak_device_bytes <= budget:  # the linear model erred high; the exact check says it fits
-        rows.append({**_row(p, est, planner.global_cost(g)[1], True), "chosen": True})
-        why = "the modelled plans did not fit; the lightest plan, estimated exactly, does"
-        return _finish(doc, p, est, planner.global_cost(g)[1], rows, [why, *_reasons(planner, g, p, est, budget, base)])
-    raise _not_fit(planner, request, g, p, est)
+        return cand, est, factor, g
+    return None
+
+
+def _at_a_higher_level(planner: Planner, budget: int, exact) -> tuple[str, Choices, Estimate] | None:
+    """The first change level above the one allowed at which a plan fits, with that plan."""
+    for level in CHANGE_LEVELS[CHANGE_LEVELS.index(planner.allow) + 1 :]:
+        got = _first_fit(planner.at(level), budget, exact, [])
+        if got is not None:
+            return level, got[0], got[1]
+    return None
 
 
 def _undominated(found: list[tuple[float, StepWide, tuple]]) -> list[tuple[float, StepWide, tuple]]:
@@ -350,7 +203,7 @@ def estimate_plan(
     """`estimate` of a model with a plan's choices applied (fake tensors, nothing allocated)."""
     choices = plan.choices if isinstance(plan, Plan) else plan
     m = copy.deepcopy(model)
-    apply_plan_(m, Choices([c for c in choices.methods if c.structural], choices.layers))
+    apply_plan_(m, Choices([c for c in choices.methods if c.structural], choices.layers).for_shapes())
     rest = [c for c in choices.methods if not c.structural]
     est = estimate(m, input_shape, batch_size, optimizer, profile, rest, num_classes, name)
     est.methods = [choices.summary()]
@@ -375,11 +228,20 @@ def _reasons(planner: Planner, g: StepWide, p: Choices, est: Estimate, budget: i
         if u.name in p.layers:
             o = p.layers[u.name]
             cost = option_seconds(u, o, planner.profile) / planner.t0
-            out.append(f"{u.name}: {spec_of(o)} keeps {planner._saved(o, u, g) / MiB:.1f} of "
-                       f"{planner._saved(None, u, g) / MiB:.1f} MiB for +{cost:.1%} time")  # fmt: skip
+            parts = []
+            if u.saved[o] or u.saved[None]:
+                parts.append(f"keeps {planner._saved(o, u, g) / MiB:.1f} of {planner._saved(None, u, g) / MiB:.1f} MiB "
+                             f"of activations for +{cost:.1%} time")  # fmt: skip
             if u.fixed[o] != u.fixed[None]:
-                out[-1] += (f"; its weights, gradients and optimizer state: {g.fixed(u.fixed[o]) / MiB:.1f} "
-                            f"of {g.fixed(u.fixed[None]) / MiB:.1f} MiB")  # fmt: skip
+                parts.append(f"its weights, gradients and optimizer state take {g.fixed(u.fixed[o]) / MiB:.1f} of "
+                             f"{g.fixed(u.fixed[None]) / MiB:.1f} MiB")  # fmt: skip
+            level = change_level(o)
+            risk = (
+                ""
+                if level == "exact"
+                else f" ({'changes the layers' if level == 'architecture' else 'lossy'}, risk {o.risk})"
+            )
+            out.append(f"{u.name}: {spec_of(o)}{risk} " + "; ".join(parts))
     return out
 
 
@@ -390,20 +252,29 @@ def _finish(doc: Plan, chosen: Choices, est: Estimate, factor: float, rows: list
     return doc
 
 
-def _lightest(planner: Planner, batch_size: int, exact) -> tuple[StepWide, Choices, Estimate]:
+def _lightest(planner: Planner, exact) -> tuple[StepWide, Choices, Estimate]:
     """The plan with the least modelled peak (every unit at its lightest under the lightest step-wide
-    setting), estimated exactly."""
-    g = min(step_wide_options(planner.profile, batch_size, planner.has_bn), key=planner.least_peak)
+    setting allowed), estimated exactly."""
+    g = min(planner.settings(), key=planner.least_peak)
     grain = 2**16  # choices within 64 KiB of each other hold the same: the cheaper one is taken
     picks = [min(group, key=lambda e: (e[1] // grain, e[2])) for group in planner.groups(g)]
     p = planner.to_choices(g, {k: v for what, _, _ in picks for k, v in what.items()})
     return g, p, exact(p)
 
 
-def _not_fit(planner: Planner, request: PlanRequest, g: StepWide, p: Choices, est: Estimate) -> BudgetError:
-    """The smallest peak reachable (the lightest plan's), and advice."""
+def _not_fit(planner: Planner, request: PlanRequest, p: Choices, est: Estimate, higher) -> BudgetError:
+    """The smallest peak reachable at the level allowed (the lightest plan's), and what would fit:
+    a higher `--allow` level's plan, a batch or input size, or a smaller model."""
     budget, batch_size, input_shape = request.budget_bytes, request.batch_size, request.input_shape
     peak, device = est.predicted.peak_device_bytes, planner.profile.name
+    at = "" if higher is None else f" with --allow {planner.allow}"  # a higher level would not help either
+    head = (f"nothing fits {device}{at}: the smallest peak reachable is {peak / MiB:.0f} MiB ({p.summary()}) "
+            f"against a budget of {budget / MiB:.0f} MiB")  # fmt: skip
+    if higher is not None:
+        level, hp, hest = higher
+        return BudgetError(f"{head}; fits with --allow {level}: {hp.summary()}, "
+                           f"{hest.predicted.peak_device_bytes / MiB:.0f} MiB predicted")  # fmt: skip
+    g = min(planner.settings(), key=planner.least_peak)
     fixed = planner.least_fixed(g) + planner.workspace  # weights, gradients, optimizer state, workspace
     advice = (
         f"use a smaller model, change its layers (--method: one of {', '.join(_structural())}), a lighter "
@@ -420,7 +291,4 @@ def _not_fit(planner: Planner, request: PlanRequest, g: StepWide, p: Choices, es
             if fit_micro >= 1
             else f"try -s {max(size // 8 * 8, 8)} (predicted to fit with that plan)"
         )
-    return BudgetError(
-        f"nothing fits {device}: the smallest peak reachable is {peak / MiB:.0f} MiB ({p.summary()}) against a "
-        f"budget of {budget / MiB:.0f} MiB: {advice}"
-    )
+    return BudgetError(f"{head}: {advice}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -125,31 +126,48 @@ def _range_hooks(model: nn.Module, units: list[Unit], ranges: dict[str, list[int
     return hs
 
 
-def unit_table(model: nn.Module, spec: StepSpec, units: list[Unit] | None = None) -> UnitTable:
+def unit_table(
+    model: nn.Module, spec: StepSpec, units: list[Unit] | None = None, keep: Callable[[Option], bool] | None = None
+) -> UnitTable:
     """Run one fake step per measured option (applied to every unit that has it), split saved bytes
-    by unit, and derive the options a handler computes from others (`derived_from`)."""
+    by unit, and derive the options a handler computes from others (`derived_from`). `keep`: the
+    options to weigh (the others are not measured). (A fake step costs by its ops, not its batch:
+    measuring at a smaller batch saves nothing.)"""
     units = units if units is not None else find_units(model)
+    if keep is not None:
+        for u in units:
+            u.options = tuple(o for o in u.options if o is None or keep(o))
     every = list(dict.fromkeys(o for u in units for o in u.options))
     derived = {o: handler_for(o).derived_from(o) for o in every if o is not None and handler_for(o).derived_from(o)}
-    acts: dict[Option, int] = {}
-    flops: dict[str, int] = {}
-    for option in [o for o in every if o not in derived]:
-        acts[option] = _measure_option(model, spec, units, option, flops if option is None else None)
+    table = _measure(model, spec, units, [o for o in every if o not in derived])
     for u in units:
+        for o in (o for o in u.options if o not in derived):
+            u.saved[o], u.fixed[o] = table["saved"][(u.name, o)], table["fixed"][(u.name, o)]
         for o, sources in derived.items():
             if o in u.options:
                 u.saved[o] = handler_for(o).derive(o, {s: u.saved[s] for s in sources})
                 u.fixed[o] = u.fixed[sources[0]]  # derived options keep their source's weights
-        u.flops = sum(v for k, v in flops.items() if k == u.name or k.startswith(u.name + "."))
+        u.flops = sum(v for k, v in table["flops"].items() if k == u.name or k.startswith(u.name + "."))
     largest = max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), default=0)
-    return UnitTable(units, acts, fixed_of(model, spec.optimizer), sum(flops.values()), largest)
+    return UnitTable(units, table["acts"], fixed_of(model, spec.optimizer), sum(table["flops"].values()), largest)
 
 
-def _measure_option(model: nn.Module, spec: StepSpec, units: list[Unit], option: Option, flops: dict | None) -> int:
-    """One fake step with `option` on every unit that has it: fills each unit's `saved[option]` and
-    `fixed[option]`; returns the step's tensor peak less the changed model's fixed bytes."""
+def _measure(model: nn.Module, spec: StepSpec, units: list[Unit], options: list[Option]) -> dict[str, dict]:
+    """One fake step per option: {"acts": option -> peak less fixed bytes, "saved": (unit, option)
+    -> saved bytes, "flops": module -> forward FLOPs, "fixed": (unit, option) -> `Fixed`}."""
+    out: dict[str, dict] = {"acts": {}, "saved": {}, "flops": {}, "fixed": {}}
+    for option in options:
+        out["acts"][option] = _measure_option(model, spec, units, option, out, out["flops"] if option is None else None)
+    return out
+
+
+def _measure_option(model: nn.Module, spec: StepSpec, units: list[Unit], option: Option, out: dict, flops) -> int:
+    """One fake step with `option` on every unit that has it: records each unit's saved and fixed
+    bytes in `out`; returns the step's tensor peak less the changed model's fixed bytes."""
     m = copy.deepcopy(model)
-    apply_plan_(m, Choices(layers={u.name: option for u in units if option is not None and option in u.options}))
+    apply_plan_(
+        m, Choices(layers={u.name: option for u in units if option is not None and option in u.options}).for_shapes()
+    )
     ranges: dict[str, list[int]] = {}
     hooks = _range_hooks(m, units, ranges) + (flop_hooks(m, flops) if flops is not None else [])
     one = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, micro_batches=1))
@@ -162,8 +180,8 @@ def _measure_option(model: nn.Module, spec: StepSpec, units: list[Unit], option:
     mods = dict(m.named_modules())
     for u in (u for u in units if option in u.options):
         a, b = ranges.get(u.name, [0, 0])
-        u.saved[option] = sum(rep.sizes[r] for r in range(a, b) if rep.categories[r] == "activations")
-        u.fixed[option] = fixed_of(mods[u.name], spec.optimizer)
+        out["saved"][(u.name, option)] = sum(rep.sizes[r] for r in range(a, b) if rep.categories[r] == "activations")
+        out["fixed"][(u.name, option)] = fixed_of(mods[u.name], spec.optimizer)
     return rep.peak_bytes - fixed_of(m, spec.optimizer).total
 
 

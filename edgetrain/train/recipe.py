@@ -26,6 +26,7 @@ import torch
 
 from edgetrain.core.step import make_optimizer, train_step
 from edgetrain.errors import ConfigError, EdgeOOMError, EdgetrainError
+from edgetrain.levels import DEFAULT_ALLOW, check_allow
 from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
 from edgetrain.memory.predict import check_input_size
 from edgetrain.methods.base import UnusedMethod, spec_of, structural_specs, unused_methods
@@ -59,6 +60,7 @@ class FitConfig:
     plan: str | None = None  # a plan file (from an earlier run's plan.yaml) instead of planning
     init: str | None = None  # weights to start from (an earlier run's model.pt): low-rank methods convert them
     prefer: str = "speed"  # the planner's objective: speed or accuracy
+    allow: str = DEFAULT_ALLOW  # how much the planner may change training: exact, lossy, architecture
     ckpt_every: int = 20  # steps between checkpoints (and at every epoch end)
     max_steps: int = 0  # stop after this many steps (0: all epochs); for tests and smoke runs
     skip_unused: bool = False  # a forced method with no eligible layer is dropped (with a line), not refused
@@ -68,6 +70,7 @@ class FitConfig:
         for key in ("epochs", "batch_size", "input_size", "ckpt_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        check_allow(self.allow)
         if self.lr is None:
             self.lr = default_lr(self.optimizer, self.batch_size)
         if not self.lr > 0 or not math.isfinite(self.lr):
@@ -178,7 +181,8 @@ class Recipe:
             request = PlanRequest(cfg.model, self.data.input_shape, cfg.batch_size, cfg.optimizer, self.profile.name)
             return Plan(request, Choices(list(forced)))
         chosen = plan_for(self.model, self.data.input_shape, cfg.batch_size, self.profile, cfg.optimizer,
-                          cfg.prefer, cfg.model, len(self.data.classes), budget_bytes, methods=low)  # fmt: skip
+                          cfg.prefer, cfg.model, len(self.data.classes), budget_bytes, methods=low,
+                          allow=cfg.allow)  # fmt: skip
         return chosen
 
     def _usable(self, forced: list[str]) -> list[str]:
@@ -392,7 +396,7 @@ def fit(
 
 
 RUN_OPTIONS = ("device", "model", "data", "epochs", "batch_size", "input_size", "lr", "optimizer", "seed",
-               "methods", "plan", "init", "prefer")  # fmt: skip
+               "methods", "plan", "init", "prefer", "allow")  # fmt: skip
 # what a plan must match (its device may differ: a plan made for a smaller budget is reused elsewhere)
 PLAN_RECORDS = {"model": "model", "batch_size": "batch_size", "input_size": "input_shape", "optimizer": "optimizer"}
 

@@ -59,6 +59,9 @@ def test_estimate_measure_reports_both(cli_json):
         (["estimate", "-m", "cifar_resnet8", "--method", "compres:bits=2"], "unknown method"),
         (["estimate", "-m", "cifar_resnet8", "--method", "microbatch:micro_batches=x"], "must be int"),
         (["estimate", "-m", "cifar_resnet8", "--method", "precision:dtype=fp8"], "bf16 or fp16"),
+        (["plan", "-m", "cifar_resnet8", "--allow", "everything"], "--allow: invalid choice: 'everything'"),
+        (["estimate", "-m", "cifar_resnet8", "--method", "precision:dtype=fp16", "--method", "step-in-backward"],
+         "cannot run with fp16"),
     ],
 )
 def test_bad_input_one_line_nonzero(cli, args, message):

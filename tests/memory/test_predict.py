@@ -86,3 +86,27 @@ def test_bad_inputs_get_one_clear_line(tmp_path):
     tiny = save_profile(get_device("gtx750-1gb").replace(name="tiny", usable_memory_bytes=32 * MiB), "tiny", tmp_path)
     with pytest.raises(BudgetError, match="parameters alone take 43 MiB, more than tiny's budget of 32 MiB"):
         estimate(create_model("resnet18"), (3, 32, 32), 1, device=str(tiny))
+
+
+@pytest.mark.parametrize("methods", [
+    ["microbatch:micro_batches=16"],
+    ["microbatch:micro_batches=8", "step-in-backward"],
+    ["microbatch:micro_batches=4", "compress:bits=2"],
+    ["microbatch:micro_batches=8", "checkpoint", "precision:dtype=bf16"],
+])  # fmt: skip
+@pytest.mark.parametrize("device", ["gtx750-1gb", "jetson-nano"])
+def test_many_micro_batches_are_predicted_from_three_to_the_byte(methods, device):
+    """The shortcut (three micro-batches on a view of the whole input) against every micro-batch run."""
+    from edgetrain.core.step import StepSpec
+    from edgetrain.devices.store import get_device
+    from edgetrain.memory.predict import fake_step, fewer_micro_batches, predict_step, summarize
+    from edgetrain.methods.base import prepare
+
+    model, _, settings = prepare(create_model("cifar_resnet20"), methods, shapes_only=True)
+    spec = StepSpec((3, 32, 32), 64, 10, "sgd", settings)
+    assert fewer_micro_batches(spec)[0].settings.micro_batches == 3
+    full = fake_step(model, spec)
+    report, predicted = predict_step(model, spec, get_device(device))
+    assert (report.peak_bytes, report.peak_by_category) == (full.peak_bytes, full.peak_by_category)
+    whole = summarize(full, get_device(device))
+    assert (predicted.peak_device_bytes, predicted.peak_process_bytes) == (whole.peak_device_bytes, whole.peak_process_bytes)

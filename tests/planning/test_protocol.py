@@ -203,7 +203,10 @@ def test_a_method_that_shrinks_weights_is_weighed_by_the_bytes_it_frees(slim):
     layers: each option's parameter, gradient and optimizer-state bytes are in the knapsack."""
     lightest = estimate(_wide(), (3, 16, 16), 8, device="gtx750-1gb", methods=["step-in-backward"])
     budget = lightest.predicted.peak_device_bytes - 12 * MiB
-    plan = plan_for(_wide(), (3, 16, 16), 8, "gtx750-1gb", budget_bytes=budget)
+    with pytest.raises(BudgetError, match=r"with --allow lossy: .*; fits with --allow architecture: .*toy-slim x\d, "
+                       r"\d+ MiB predicted$"):  # fmt: skip
+        plan_for(_wide(), (3, 16, 16), 8, "gtx750-1gb", budget_bytes=budget)  # it changes the layers: not by default
+    plan = plan_for(_wide(), (3, 16, 16), 8, "gtx750-1gb", budget_bytes=budget, allow="architecture")
     slimmed = [n for n, c in plan.choices.layers.items() if c.name == "toy-slim"]
     assert 1 <= len(slimmed) < 7 and plan.predicted.peak_device_bytes <= budget, plan.summary()
     assert any("its weights, gradients and optimizer state" in r for r in plan.reasons)

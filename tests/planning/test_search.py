@@ -111,3 +111,40 @@ def test_the_optimizer_step_in_backward_is_chosen_when_the_gradients_do_not_fit(
 def test_below_what_the_lightest_plan_holds_nothing_fits():
     with pytest.raises(BudgetError, match=r"smallest peak reachable is 9\d MiB \(step-in-backward\)"):
         plan_for(_mlp(), (3, 16, 16), 8, "gtx750-1gb", budget_bytes=60 * MiB)
+
+
+def test_allow_exact_keeps_to_exact_levers(tmp_path):
+    """With --allow exact the plan uses only levers that train the same model the same way."""
+    from edgetrain.methods.base import change_level
+
+    device = _profile(tmp_path, 45)  # checkpointing fits (40 MiB); plain needs 100
+    plan = plan_for(create_model("cifar_resnet20"), (3, 32, 32), 64, device, allow="exact")
+    assert plan.choices.configs() and {change_level(c) for c in plan.choices.configs()} == {"exact"}, plan.summary()
+    assert plan.request.allow == "exact" and plan.risk == 0
+
+
+def test_low_rank_layers_are_a_lever_only_when_architecture_is_allowed():
+    """The wide net's weights do not fit below its lightest exact plan: by default the answer says
+    which level would fit and with what; with --allow architecture the plan makes some layers U·V."""
+    from edgetrain.planning.estimate import estimate
+
+    lightest = estimate(_mlp(), (3, 16, 16), 8, device="gtx750-1gb", methods=["step-in-backward"])
+    budget = lightest.predicted.peak_device_bytes - 12 * MiB
+    with pytest.raises(BudgetError, match=r"nothing fits gtx750-1gb with --allow lossy: .*; fits with --allow "
+                       r"architecture: .*tucker2:ratio=[\d.]+ x\d, \d+ MiB predicted$"):  # fmt: skip
+        plan_for(_mlp(), (3, 16, 16), 8, "gtx750-1gb", budget_bytes=budget)
+    plan = plan_for(_mlp(), (3, 16, 16), 8, "gtx750-1gb", budget_bytes=budget, allow="architecture")
+    low = {n: c for n, c in plan.choices.layers.items() if c.name == "tucker2"}
+    assert low and plan.predicted.peak_device_bytes <= budget and plan.risk >= 5, plan.summary()
+    assert any("changes the layers, risk" in r for r in plan.reasons)
+    model = _mlp()
+    settings = apply_plan_(model, plan)  # from scratch: the layers are converted once, here
+    report = tracked_step(model, StepSpec((3, 16, 16), 8, 10, settings=settings), fake=False)
+    assert report.peak_bytes == pytest.approx(plan.predicted.peak_total_bytes, rel=0.01)
+
+
+def test_an_unknown_allow_level_is_one_line():
+    from edgetrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--allow must be one of exact, lossy, architecture .*got 'all'$"):
+        plan_for(_mlp(), (3, 16, 16), 8, "gtx750-1gb", allow="all")

@@ -1,0 +1,218 @@
+"""The planner's model of a step: per unit the options' bytes and cost, per step-wide setting the
+effects of its configs, and the least-cost choice that fits a budget (`Planner.solve`).
+
+Per unit (a run of blocks, a block or a leftover layer) one option among plain and what the
+registered per-unit methods offer there; step-wide, one config or none from each registered
+step-wide method. For each step-wide setting the per-unit choice is a multiple-choice knapsack
+(bytes against what the budget leaves; cost = predicted time overhead + risk weight). `allow`
+(`CHANGE_LEVELS`) bounds how much a plan may change the training.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from edgetrain.core.step import StepSpec
+from edgetrain.devices.profile import DeviceProfile
+from edgetrain.levels import CHANGE_LEVELS, DEFAULT_ALLOW
+from edgetrain.methods.base import (
+    MethodConfig,
+    StepEffect,
+    change_level,
+    handler_for,
+    planned_handlers,
+    spec_of,
+)  # fmt: skip
+from edgetrain.planning.estimate import Estimate
+from edgetrain.planning.knapsack import knapsack, pareto
+from edgetrain.planning.record import Choices, param_shapes
+from edgetrain.planning.units import (
+    Fixed,
+    Option,
+    Unit,
+    UnitTable,
+    has_batchnorm,
+    option_seconds,
+    step_seconds,
+    unit_table,
+)  # fmt: skip
+
+PREFER = {"speed": 0.05, "accuracy": 2.0}  # weight of one risk rank against a 100% time overhead
+
+
+@dataclass(frozen=True)
+class StepWide:
+    """One step-wide setting: a config (or none) from each step-wide method, with their effects."""
+
+    configs: tuple[MethodConfig, ...] = ()
+    effects: tuple[StepEffect, ...] = ()
+
+    def methods(self) -> list[str]:
+        return [spec_of(c) for c in self.configs]
+
+    def label(self) -> str:
+        return "+".join(self.methods()) or "no step-wide method"
+
+    @property
+    def divisor(self) -> int:
+        """Activations are held for 1/divisor of the batch at a time."""
+        return math.prod(e.batch_divisor for e in self.effects)
+
+    def fixed(self, f: Fixed, largest_gradient: int = 0) -> int:
+        """Fixed bytes held at the peak under this setting. Gradients accumulated over micro-batches
+        are all held, whatever frees them later; and the largest gradient is whole at some time."""
+        scale = 1.0 if self.divisor > 1 else math.prod(e.gradient_scale for e in self.effects)
+        grads = max(int(f.gradients * scale), min(f.gradients, largest_gradient))
+        return f.params + grads + int(f.state * math.prod(e.state_scale for e in self.effects))
+
+    def activations(self, nbytes: int, keeps_dtype: bool = True) -> int:
+        """Saved bytes under this setting (dtype-keeping ones scale with the precision)."""
+        for e in self.effects:
+            if keeps_dtype and e.activation_scale != 1.0:
+                nbytes = int(nbytes * e.activation_scale)
+        return nbytes // self.divisor
+
+
+def step_wide_options(profile: DeviceProfile, batch_size: int, has_bn: bool = True) -> list[StepWide]:
+    """Every combination of one config or none per step-wide method (registration order: the
+    first varies slowest), from no change at all to every method at its most saving."""
+    per_method = [[None, *h.step_candidates(profile, batch_size)] for h in planned_handlers("step")]
+    out = []
+    for combo in itertools.product(*per_method):
+        configs = tuple(c for c in combo if c is not None)
+        effects = tuple(handler_for(c).step_effect(c, profile, has_bn) for c in configs)
+        out.append(StepWide(configs, effects))
+    return out
+
+
+def _risk(option: Option) -> int:
+    return 0 if option is None else int(option.risk)
+
+
+class Planner:
+    """Holds the unit table of one model/step and answers for each step-wide setting."""
+
+    def __init__(self, model: nn.Module, spec: StepSpec, profile: DeviceProfile, prefer: str, plain: Estimate,
+                 allow: str = DEFAULT_ALLOW):  # fmt: skip
+        self.model, self.spec, self.profile, self.weight = model, spec, profile, PREFER[prefer]
+        self.plain, self.allow, self.prefer = plain, allow, prefer
+        self.table: UnitTable = unit_table(model, spec, keep=self.allowed)
+        self.t0 = step_seconds(self.table, profile)
+        self.top = [u for u in self.table.units if u.parent is None]
+        self.inside = {r.name: [u for u in self.table.units if u.parent == r.name] for r in self.top}
+        self.by_name = {u.name: u for u in self.table.units}
+        self.total_saved = sum(u.saved[None] for u in self.top) or 1
+        # the device level over the tensor level (allocator rounding and fragmentation), from plain
+        self.workspace = profile.workspace_bytes
+        self.device_ratio = max(
+            1.0, (plain.predicted.peak_device_bytes - self.workspace) / plain.predicted.peak_total_bytes
+        )
+        self.has_bn = has_batchnorm(model)
+
+    def _saved(self, option: Option, unit: Unit, g: StepWide) -> int:
+        keeps = option is None or handler_for(option).keeps_dtype(option)
+        return g.activations(unit.saved[option], keeps)
+
+    def _bytes(self, option: Option, unit: Unit, g: StepWide) -> int:
+        """What `option` holds on `unit`: its saved activations, and its fixed bytes over plain's."""
+        return self._saved(option, unit, g) + g.fixed(unit.fixed[option]) - g.fixed(unit.fixed[None])
+
+    def at(self, allow: str) -> Planner:
+        """The same question at another change level (its options measured anew)."""
+        return Planner(self.model, self.spec, self.profile, self.prefer, self.plain, allow)
+
+    def allowed(self, config: MethodConfig | None, risk: int | None = None) -> bool:
+        """Whether `config` changes the training no more than `allow` lets it."""
+        return config is None or CHANGE_LEVELS.index(change_level(config, risk)) <= CHANGE_LEVELS.index(self.allow)
+
+    def settings(self) -> list[StepWide]:
+        """The step-wide settings allowed (a config's risk as its effect on this model says)."""
+        every = step_wide_options(self.profile, self.spec.batch_size, self.has_bn)
+        return [g for g in every if all(self.allowed(c, e.risk) for c, e in zip(g.configs, g.effects, strict=True))]
+
+    def _choices(self, u: Unit, g: StepWide, budget: float) -> list[tuple[dict[str, Option], int, float]]:
+        return [({u.name: o}, self._bytes(o, u, g), self._cost(u, o)) for o in u.options
+                if self.allowed(o) and self._floor(o, g) <= budget]  # fmt: skip
+
+    def groups(self, g: StepWide, budget: float = math.inf) -> list[list[tuple[dict[str, Option], int, float]]]:
+        """Per outermost unit the choices allowed: (option by unit, bytes, cost). A run of blocks offers
+        its own options, and the Pareto front of the joint options of the units inside it."""
+        out = []
+        for u in self.top:
+            mine = self._choices(u, g, budget)
+            inside = self.inside.get(u.name)
+            if inside:
+                rest = self._saved(None, u, g) - sum(self._saved(None, c, g) for c in inside)
+                joint = pareto([self._choices(c, g, budget) for c in inside])
+                mine = [m for m in mine if m[0][u.name] is not None]
+                mine += [({k: v for d in w for k, v in d.items()}, rest + b, c) for w, b, c in joint]
+            out.append(mine)
+        return out
+
+    def _cost(self, unit: Unit, option: Option) -> float:
+        # risk weighs by the unit's share of the activations; a change of the layers weighs whole
+        share = 1.0 if option is not None and option.structural else unit.saved[None] / self.total_saved
+        return option_seconds(unit, option, self.profile) / self.t0 + self.weight * _risk(option) * share
+
+    def least_fixed(self, g: StepWide) -> int:
+        """The least fixed bytes any plan under `g` holds (every unit at its lightest weights)."""
+        units = self.table.units
+        return g.fixed(self.table.fixed) + sum(
+            min(g.fixed(u.fixed[o]) - g.fixed(u.fixed[None]) for o in u.options) for u in units
+        )
+
+    def _floor(self, option: Option, g: StepWide) -> int:
+        """A peak no plan using `option` goes below (the all-`option` run's, when above its linear model)."""
+        if option is None or option not in self.table.acts:
+            return 0
+        return self.device_bytes(self.least_fixed(g) + max(0, self.table.acts[option]) // g.divisor)
+
+    def device_bytes(self, tensor_bytes: int) -> int:
+        return int(tensor_bytes * self.device_ratio) + self.workspace
+
+    def tensor_bytes(self, device_bytes: int) -> int:
+        return int((device_bytes - self.workspace) / self.device_ratio)
+
+    def global_cost(self, g: StepWide) -> tuple[float, float]:
+        """(cost, time factor) of a step-wide setting."""
+        factor = math.prod(e.time_factor for e in g.effects)
+        risk = sum(e.risk for e in g.effects)
+        return factor - 1 + self.weight * risk, factor
+
+    def least_peak(self, g: StepWide) -> int:
+        """The modelled tensor peak under `g` with every unit at its lightest option."""
+        plain_act = self.plain.predicted.peak_total_bytes - self.table.fixed.total
+        least = sum(min(b for _, b, _ in group) for group in self.groups(g)) - self._plain_saved(g)
+        return g.fixed(self.table.fixed, self.table.largest_gradient) + g.activations(plain_act) + least
+
+    def _plain_saved(self, g: StepWide) -> int:
+        return sum(self._saved(None, u, g) for u in self.top)
+
+    def solve(self, g: StepWide, budget: int) -> tuple[dict[str, Option], float, float] | None:
+        """Per-unit options under setting `g` whose modelled device peak fits `budget`:
+        ({unit: option}, cost, predicted time factor); None when none does."""
+        plain_act = self.plain.predicted.peak_total_bytes - self.table.fixed.total
+        act_budget = self.tensor_bytes(budget) - g.fixed(self.table.fixed, self.table.largest_gradient)
+        groups = self.groups(g, budget)
+        if not all(groups):
+            return None
+        shift = [min(b for _, b, _ in group) for group in groups]  # the knapsack's weights are not negative
+        items = [[(b - lo, c) for _, b, c in group] for group, lo in zip(groups, shift, strict=True)]
+        # linear model: act = base_act - plain_saved + sum(bytes of choice) <= act_budget
+        got = knapsack(items, act_budget - g.activations(plain_act) + self._plain_saved(g) - sum(shift))
+        if got is None:
+            return None
+        choice, cost = got
+        chosen = {k: v for group, i in zip(groups, choice, strict=True) for k, v in group[i][0].items()}
+        extra = sum(option_seconds(self.by_name[n], o, self.profile) for n, o in chosen.items()) / self.t0
+        gcost, factor = self.global_cost(g)
+        return chosen, cost + gcost, factor * (1 + extra)
+
+    def to_choices(self, g: StepWide, chosen: dict[str, Option]) -> Choices:
+        mods = dict(self.model.named_modules())
+        layers = {n: o for n, o in chosen.items() if o is not None}
+        return Choices(list(g.configs), layers, {n: param_shapes(mods[n]) for n in layers})
