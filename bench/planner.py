@@ -1,7 +1,7 @@
 """The planner (issue 7): plans for resnet18 / mobilenet_v2 / vgg11_bn at 224 px on the 1 GB GTX 750
 and the 4 GB Jetson Nano, checked against real steps and against what a user would try first.
 
-    .venv/bin/python bench/planner.py [--measure CASES] [--batches 32,64,128]
+    .venv/bin/python bench/planner.py [--measure CASES|none] [--batches 32,64,128] [--allow LEVEL]
 
 1. prediction grid (all cases, fake tensors): planning time, the plan, its predicted device
    peak against the budget; and whether the simple strategies fit: checkpoint every block,
@@ -51,8 +51,8 @@ def _halved(model, batch, device) -> int | None:
     return b or None
 
 
-def grid(batches: list[int]) -> list[dict]:
-    print("\n1. plans at 224 px (predicted, fake tensors)")
+def grid(batches: list[int], allow: str = "lossy") -> list[dict]:
+    print(f"\n1. plans at 224 px (predicted, fake tensors), --allow {allow}")
     print(f"{'case':<32} {'plan s':>6} {'plan':<58} {'pred MiB':>9} {'budget':>7} {'ckpt all':>8} "
           f"{'fp16 all':>8} {'halve b':>7}")  # fmt: skip
     rows = []
@@ -62,7 +62,7 @@ def grid(batches: list[int]) -> list[dict]:
             for b in batches:
                 t0 = time.perf_counter()
                 try:
-                    p = plan_for(model, (3, 224, 224), b, device, name=name)
+                    p = plan_for(model, (3, 224, 224), b, device, name=name, allow=allow)
                     summary, peak = p.summary(), p.predicted.peak_device_bytes
                 except BudgetError as e:
                     p, summary, peak = None, "none: " + str(e).split(": ", 1)[1][:52], None
@@ -130,12 +130,15 @@ def measured(rows: list[dict], cases: set[str]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="32,64,128")
-    ap.add_argument("--measure", default="", help="model:device:batch,... (default: every b32 case with a plan)")
+    ap.add_argument("--measure", default="", help="model:device:batch,... (default: every b32 case with a plan; "
+                    "none: no real steps)")  # fmt: skip
+    ap.add_argument("--allow", default="lossy", help="exact, lossy (default) or architecture")
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     torch.manual_seed(0)
-    rows = grid([int(b) for b in args.batches.split(",")])
+    rows = grid([int(b) for b in args.batches.split(",")], args.allow)
     cases = set(args.measure.split(",")) if args.measure else {f"{m}:{d}:32" for m in MODELS for d in DEVICES}
+    cases -= {"none"}
     result = {"grid": rows, "measured": measured(rows, cases)}
     (OUT / "planner.json").write_text(json.dumps(result, indent=1, default=str))
 

@@ -40,9 +40,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog="edgetrain", description="Fit CNN training into small GPUs and Jetson boards."
-    )
+    parser = OneLineParser(prog="edgetrain", description="Fit CNN training into small GPUs and Jetson boards.")
     parser.add_argument(
         "--profiles", metavar="DIR", action="append", default=[], help="also read device profiles from DIR"
     )

@@ -16,6 +16,7 @@ class PlanVerb(Verb):
         "edgetrain plan --device gtx750-1gb --model resnet18 -b 64 -s 224",
         "edgetrain plan -d jetson-nano -m mobilenet_v2 -b 128 -s 224 --prefer accuracy --out plan.yaml",
         "edgetrain plan -d gtx750-1gb -m resnet18 -b 32 -s 224 --plot plan.png --json",
+        "edgetrain plan -d gtx750-1gb -m resnet18 -b 64 -s 224 --frontier frontier.png",
         "edgetrain plan -d jetson-nano -m resnet18 -b 16 -s 64 --verify",
         "edgetrain plan -d gtx750-1gb -m vgg11_bn -b 32 -s 224 --allow architecture",
         "edgetrain plan -d jetson-nano -m resnet18 -b 64 -s 128 --method tucker2:ratio=0.5 --method partial",
@@ -34,6 +35,8 @@ class PlanVerb(Verb):
                        help="a low-rank method to apply first (tucker2, cp, partial); the rest is planned")  # fmt: skip
         p.add_argument("--out", "-o", metavar="FILE", help="write the plan (YAML, or JSON for *.json)")
         p.add_argument("--plot", metavar="PNG", help="memory by category: plain vs the plan")
+        p.add_argument("--frontier", metavar="PNG",
+                       help="the candidate plans' peak against step time, with the Pareto front (also in --json)")  # fmt: skip
         p.add_argument("--verify", action="store_true", help="run one real step under the device's budget guard")
         add_json(p)
 
@@ -45,12 +48,14 @@ class PlanVerb(Verb):
         model = create_model(args.model, args.num_classes)
         shape = (args.channels, args.input_size, args.input_size)
         plan = plan_for(model, shape, args.batch_size, resolve_profile(args.device), args.optimizer, args.prefer, args.model,
-                        args.num_classes, methods=args.method, allow=args.allow)  # fmt: skip
+                        args.num_classes, methods=args.method, allow=args.allow, frontier=bool(args.frontier))  # fmt: skip
         measured = verify(plan, args) if args.verify else None
         if args.out:
             plan.save(args.out)
         if args.plot:
             plot_plan(plan, args.plot)
+        if args.frontier:
+            _save(frontier_figure(plan), args.frontier)
         if args.json:
             print_json({**plan.to_dict(), "measured": measured})
         else:
@@ -113,11 +118,63 @@ def plan_figure(plan):
     return fig
 
 
-def plot_plan(plan, path: str) -> None:
-    """`plan_figure` written as a PNG."""
+def frontier_figure(plan):
+    """The candidate plans' predicted device peak against their predicted step time: the Pareto
+    front joined and labelled, the budget line, plain and the chosen plan marked; the top axis
+    gives the peak as a ratio to plain's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = plan_figure(plan)
+    from edgetrain.memory.plot import MIB
+
+    pts, budget = plan.frontier, plan.request.budget_bytes / MIB
+    plain = next((p["peak_device_bytes"] for p in pts if p["plan"] == "plain"), None)
+    plain = plain or plan.candidates[0].get("peak_device_bytes") or max(p["peak_device_bytes"] for p in pts)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    rest = [p for p in pts if not p["front"] and not p.get("chosen")]
+    ax.scatter([p["peak_device_bytes"] / MIB for p in rest], [p["time_factor"] for p in rest], s=14,
+               color="#bbbbbb", label="other plans (modelled)")  # fmt: skip
+    front = sorted((p for p in pts if p["front"]), key=lambda p: p["peak_device_bytes"])
+    ax.plot([p["peak_device_bytes"] / MIB for p in front], [p["time_factor"] for p in front], "o-", ms=5,
+            color="#1f77b4", label="Pareto front (modelled)")  # fmt: skip
+    for i, p in enumerate(front):  # labels alternate above and below the line
+        ax.annotate(_short(p["plan"]), (p["peak_device_bytes"] / MIB, p["time_factor"]), fontsize=7,
+                    xytext=(4, 9 if i % 2 else -13), textcoords="offset points", color="#1f4f7f", rotation=20)  # fmt: skip
+    for p in (p for p in pts if p.get("chosen")):
+        ax.scatter([p["peak_device_bytes"] / MIB], [p["time_factor"]], marker="*", s=220, color="#d62728",
+                   zorder=5, label=f"chosen: {_short(p['plan'], 40)} (exact estimate)")  # fmt: skip
+    ax.axvline(budget, color="#d62728", ls="--", lw=1.2, label=f"budget {budget:,.0f} MiB")
+    ax.set_xlabel("predicted peak at the device level (MiB)")
+    ax.set_ylabel("predicted step time (x plain)")
+    top = ax.secondary_xaxis("top", functions=(lambda x: x * MIB / plain, lambda r: r * plain / MIB))
+    top.set_xlabel("peak (x plain)")
+    r = plan.request
+    ax.set_title(f"{r.model} b{r.batch_size} {r.input_shape[-1]}px on {r.device}: memory against time "
+                 f"(--allow {r.allow})", fontsize=10)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right", frameon=True)
+    fig.tight_layout()
+    return fig
+
+
+def _short(plan: str, n: int = 34) -> str:
+    """A plan's summary cut for a label: methods abbreviated, at most `n` characters."""
+    for long, short in (("microbatch:micro_batches=", "mb"), ("compress:bits=", "c"), ("checkpoint", "ckpt"),
+                        ("step-in-backward", "sib"), ("precision:dtype=", ""), ("tucker2:ratio=", "uv")):  # fmt: skip
+        plan = plan.replace(long, short)
+    return plan if len(plan) <= n else plan[: n - 1] + "…"
+
+
+def plot_plan(plan, path: str) -> None:
+    """`plan_figure` written as a PNG."""
+    _save(plan_figure(plan), path)
+
+
+def _save(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

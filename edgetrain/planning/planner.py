@@ -189,6 +189,20 @@ class Planner:
         least = sum(min(b for _, b, _ in group) for group in self.groups(g)) - self._plain_saved(g)
         return g.fixed(self.table.fixed, self.table.largest_gradient) + g.activations(plain_act) + least
 
+    def modelled_peak(self, g: StepWide, chosen: dict[str, Option]) -> int:
+        """The linear model's tensor peak of per-unit options `chosen` under `g` (what `solve` fits)."""
+        plain_act = self.plain.predicted.peak_total_bytes - self.table.fixed.total
+        held = 0
+        for u in self.top:
+            inside = self.inside.get(u.name, [])
+            if chosen.get(u.name) is not None or not inside:
+                held += self._bytes(chosen.get(u.name), u, g)
+            else:  # a run left to the units inside it
+                rest = self._saved(None, u, g) - sum(self._saved(None, c, g) for c in inside)
+                held += rest + sum(self._bytes(chosen.get(c.name), c, g) for c in inside)
+        base = g.fixed(self.table.fixed, self.table.largest_gradient) + g.activations(plain_act)
+        return base - self._plain_saved(g) + held
+
     def _plain_saved(self, g: StepWide) -> int:
         return sum(self._saved(None, u, g) for u in self.top)
 

@@ -33,7 +33,7 @@ from edgetrain.methods.base import (
 
 PLAN_VERSION = 3
 _REQUEST = ("model", "input_shape", "batch_size", "optimizer", "device", "budget_bytes", "prefer", "allow")
-_ANSWER = ("predicted", "overhead", "risk", "reasons", "candidates")
+_ANSWER = ("predicted", "overhead", "risk", "reasons", "candidates", "frontier")
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,7 @@ class Plan:
     risk: int = 0
     reasons: list[str] = field(default_factory=list)
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    frontier: list[dict[str, Any]] = field(default_factory=list)  # when asked: planning/frontier.py
     version: int = PLAN_VERSION
 
     @property

@@ -32,6 +32,7 @@ from edgetrain.methods.base import (
     spec_of,
 )  # fmt: skip
 from edgetrain.planning.estimate import Estimate, estimate
+from edgetrain.planning.frontier import frontier
 from edgetrain.planning.planner import PREFER, Planner, StepWide
 from edgetrain.planning.record import Choices, Plan, PlanRequest, apply_plan_
 from edgetrain.planning.units import option_seconds
@@ -49,13 +50,15 @@ def plan_for(
     budget_bytes: int | None = None,
     methods: Sequence[MethodConfig | str] = (),
     allow: str = DEFAULT_ALLOW,
+    frontier: bool = False,
 ) -> Plan:
     """The least-cost plan whose predicted device peak fits `device` (or `budget_bytes`).
 
     Plain when the model fits as it is; `BudgetError` with the smallest reachable peak and what
     would make it fit when nothing does. `methods`: structural methods (low-rank layers) the user
     chose; they are applied first and the search plans the factorized model. `allow`: exact,
-    lossy (the default) or architecture, how much the plan may change the training."""
+    lossy (the default) or architecture, how much the plan may change the training. `frontier`:
+    also sweep the memory/time trade-off (`Plan.frontier`)."""
     if prefer not in PREFER:
         raise ConfigError(f"--prefer must be speed or accuracy, got {prefer!r}")
     profile = get_device(device)
@@ -69,7 +72,7 @@ def plan_for(
     base = " + ".join(map(spec_of, configs)) or "plain"
     request = PlanRequest(name, tuple(input_shape), batch_size, optimizer, profile.name,
                           budget_bytes or profile.usable_memory_bytes, prefer, check_allow(allow))  # fmt: skip
-    chosen = _search(model, request, profile, num_classes, base)
+    chosen = _search(model, request, profile, num_classes, base, frontier)
     return _with_low_rank(chosen, configs) if configs else chosen
 
 
@@ -91,8 +94,11 @@ def _with_low_rank(chosen: Plan, configs: list[MethodConfig]) -> Plan:
     return chosen
 
 
-def _search(model: nn.Module, request: PlanRequest, profile: DeviceProfile, num_classes: int | None, base: str) -> Plan:
-    """The search on `model` as given; `base` names it (plain, or the low-rank methods applied)."""
+def _search(
+    model: nn.Module, request: PlanRequest, profile: DeviceProfile, num_classes: int | None, base: str, sweep: bool
+) -> Plan:
+    """The search on `model` as given; `base` names it (plain, or the low-rank methods applied);
+    `sweep`: also the memory/time frontier."""
     budget = request.budget_bytes
 
     def exact(c: Choices) -> Estimate:
@@ -100,6 +106,10 @@ def _search(model: nn.Module, request: PlanRequest, profile: DeviceProfile, num_
 
     plain = exact(Choices())
     doc = Plan(request)
+    spec = StepSpec(request.input_shape, request.batch_size, num_classes or num_classes_of(model), request.optimizer)
+    planner = Planner(model, spec, profile, request.prefer, plain, request.allow) if sweep else None
+    if planner is not None:
+        doc.frontier = frontier(planner)
     row = {"plan": base, "peak_device_bytes": plain.predicted.peak_device_bytes, "overhead": 1.0, "risk": 0,
            "peak_by_category": plain.predicted.peak_by_category}  # fmt: skip
     if plain.predicted.peak_device_bytes <= budget:
@@ -111,8 +121,7 @@ def _search(model: nn.Module, request: PlanRequest, profile: DeviceProfile, num_
         )
         return _finish(doc, Choices(), plain, 1.0, [row], [why])
     row["fits"] = False
-    spec = StepSpec(request.input_shape, request.batch_size, num_classes or num_classes_of(model), request.optimizer)
-    planner = Planner(model, spec, profile, request.prefer, plain, request.allow)
+    planner = planner or Planner(model, spec, profile, request.prefer, plain, request.allow)
     rows = [row]
     got = _first_fit(planner, budget, exact, rows)
     if got is not None:
@@ -246,6 +255,12 @@ def _reasons(planner: Planner, g: StepWide, p: Choices, est: Estimate, budget: i
 
 
 def _finish(doc: Plan, chosen: Choices, est: Estimate, factor: float, rows: list[dict], reasons: list[str]) -> Plan:
+    if doc.frontier:  # the chosen plan at its exact peak (on the front or not, as modelled)
+        label = "plain" if chosen.is_plain else chosen.summary()
+        mine = {"plan": label, "time_factor": round(factor, 4), "risk": _plan_risk(chosen), "front": False}
+        mine.update(next((r for r in doc.frontier if r["plan"] == label), {}))
+        mine.update(peak_device_bytes=est.predicted.peak_device_bytes, chosen=True)
+        doc.frontier = [r for r in doc.frontier if r["plan"] != label] + [mine]
     doc.choices = chosen
     doc.predicted, doc.overhead, doc.risk = est.predicted, round(factor, 4), _plan_risk(chosen)
     doc.candidates, doc.reasons = rows, reasons

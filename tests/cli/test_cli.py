@@ -77,3 +77,27 @@ def test_guard_oom_from_cli_is_one_line():
     )  # fmt: skip
     assert r.returncode == 3
     assert "out of memory under the budget guard" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_plan_frontier_png_and_json(cli_json, tmp_path):
+    """The figure draws what the JSON holds: the budget line at the budget, the chosen plan's star
+    at its exact peak, the front's line through the front's points."""
+    import matplotlib.pyplot as plt
+
+    from edgetrain.cli.plan import frontier_figure
+    from edgetrain.planning import Plan
+
+    png = tmp_path / "frontier.png"
+    doc = cli_json("plan", "-d", "gtx750-1gb", "-m", "cifar_resnet20", "-b", "512", "-s", "32", "--frontier", str(png))
+    assert png.read_bytes()[:4] == b"\x89PNG" and doc["frontier"]
+    plan = Plan.from_dict({k: v for k, v in doc.items() if k != "measured"})
+    fig = frontier_figure(plan)
+    ax = fig.axes[0]
+    budget = [ln for ln in ax.lines if ln.get_linestyle() == "--"][0]
+    assert budget.get_xdata()[0] == pytest.approx(doc["request"]["budget_bytes"] / 2**20)
+    chosen = [p for p in doc["frontier"] if p.get("chosen")][0]
+    star = ax.collections[-1].get_offsets()[0]
+    assert star[0] == pytest.approx(chosen["peak_device_bytes"] / 2**20) and star[1] == chosen["time_factor"]
+    front = [ln for ln in ax.lines if ln.get_marker() == "o"][0]
+    assert len(front.get_xdata()) == sum(p["front"] for p in doc["frontier"])
+    plt.close(fig)

@@ -14,7 +14,7 @@ from edgetrain.errors import BudgetError
 from edgetrain.memory.guard import tensor_budget
 from edgetrain.memory.measure import tracked_step
 from edgetrain.models import create_model
-from edgetrain.planning import apply_plan_, plan_for
+from edgetrain.planning import Plan, apply_plan_, plan_for
 from edgetrain.planning.knapsack import brute_force, knapsack
 
 MiB = 2**20
@@ -148,3 +148,21 @@ def test_an_unknown_allow_level_is_one_line():
 
     with pytest.raises(ConfigError, match=r"^--allow must be one of exact, lossy, architecture .*got 'all'$"):
         plan_for(_mlp(), (3, 16, 16), 8, "gtx750-1gb", allow="all")
+
+
+def test_the_frontier_is_the_pareto_front_of_the_candidates_with_the_chosen_plan_exact(tmp_path):
+    device = _profile(tmp_path, 45)
+    plan = plan_for(create_model("cifar_resnet20"), (3, 32, 32), 64, device, frontier=True)
+    pts = plan.frontier
+    plain = [p for p in pts if p["plan"] == "plain"]
+    assert plain and plain[0]["time_factor"] == 1.0 and plain[0]["front"]  # nothing is faster than plain
+    chosen = [p for p in pts if p.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["plan"] == plan.summary()
+    assert chosen[0]["peak_device_bytes"] == plan.predicted.peak_device_bytes
+    front = [p for p in pts if p["front"]]
+    assert len(front) >= 3 and len({p["plan"] for p in pts}) == len(pts)
+    for p in front:  # no candidate is both lighter and faster than a point on the front
+        assert not any(q["peak_device_bytes"] < p["peak_device_bytes"] and q["time_factor"] < p["time_factor"]
+                       for q in pts if not q.get("chosen"))  # fmt: skip
+    assert min(p["peak_device_bytes"] for p in front) < 0.5 * plain[0]["peak_device_bytes"]
+    assert Plan.from_dict(plan.to_dict()).frontier == pts  # it round-trips with the plan
