@@ -57,7 +57,7 @@ class PlanVerb(Verb):
         if args.frontier:
             _save(frontier_figure(plan), args.frontier)
         if args.json:
-            print_json({**plan.to_dict(), "measured": measured})
+            print_json({**plan.to_dict(), "levers": plan.choices.levers(), "measured": measured})
         else:
             _print(plan, measured, args)
         return 0
@@ -193,6 +193,11 @@ def _print(plan, measured: dict | None, args: argparse.Namespace) -> None:
           f"step time {plan.overhead:.2f}x plain")  # fmt: skip
     for reason in plan.reasons:
         print(f"  - {reason}")
+    risky = [
+        f"{lv['method']} ({lv['level']}, risk {lv['risk']})" for lv in plan.choices.levers() if lv["level"] != "exact"
+    ]
+    if risky:
+        print(f"  levers that change training: {', '.join(risky)}")
     if any(r["fits"] is None for r in plan.candidates):
         print("  (not checked: costlier candidates modelled to fit; only the chosen one is estimated exactly)")
     if measured:

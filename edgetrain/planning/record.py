@@ -26,6 +26,7 @@ from edgetrain.methods.base import (
     MethodConfig,
     apply_method_,
     as_config,
+    change_level,
     handler_for,
     spec_of,
     step_settings_for,
@@ -34,6 +35,7 @@ from edgetrain.methods.base import (
 PLAN_VERSION = 3
 _REQUEST = ("model", "input_shape", "batch_size", "optimizer", "device", "budget_bytes", "prefer", "allow")
 _ANSWER = ("predicted", "overhead", "risk", "reasons", "candidates", "frontier")
+_DERIVED = ("levers", "measured")  # what `plan --json` adds: read back, such a file is a plan
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,18 @@ class Choices:
     def configs(self) -> list[MethodConfig]:
         return [*self.methods, *self.layers.values()]
 
+    def levers(self) -> list[dict[str, Any]]:
+        """Each method the plan needs, once: what it changes (its `CHANGE_LEVELS` entry), its accuracy
+        risk, and where it acts (the whole step, or the layers it was chosen for)."""
+        out: dict[str, dict[str, Any]] = {}
+        for c in self.methods:
+            out[spec_of(c)] = {"method": spec_of(c), "level": change_level(c), "risk": int(c.risk), "where": "step"}
+        for name, c in self.layers.items():
+            row = out.setdefault(spec_of(c), {"method": spec_of(c), "level": change_level(c), "risk": int(c.risk),
+                                              "where": []})  # fmt: skip
+            row["where"].append(name)
+        return list(out.values())
+
     def step_settings(self) -> StepSettings:
         return step_settings_for(self.methods)
 
@@ -143,7 +157,7 @@ class Plan:
                 f"{where}: plan version {doc.get('version')!r}, this edgetrain reads versions 2 and {PLAN_VERSION}: "
                 "make it again with `edgetrain plan`"
             )
-        unknown = sorted(set(doc) - {"version", "request", "choices", *_ANSWER})
+        unknown = sorted(set(doc) - {"version", "request", "choices", *_ANSWER, *_DERIVED})
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
         try:

@@ -102,7 +102,7 @@ def _search(
     budget = request.budget_bytes
 
     def exact(c: Choices) -> Estimate:
-        return _exact(model, c, request, profile, num_classes)
+        return estimate_plan(model, c, request, profile, num_classes)
 
     plain = exact(Choices())
     doc = Plan(request)
@@ -184,11 +184,6 @@ def _undominated(found: list[tuple[float, StepWide, tuple]]) -> list[tuple[float
     return keep
 
 
-def _exact(model: nn.Module, choices: Choices, request: PlanRequest, profile: DeviceProfile, num_classes) -> Estimate:
-    return estimate_plan(model, choices, request.input_shape, request.batch_size, request.optimizer, profile,
-                         num_classes, request.model)  # fmt: skip
-
-
 def _verify(planner: Planner, g: StepWide, got: tuple, budget: int, exact) -> tuple[Choices, Estimate, float] | None:
     """Exact estimate of the plan; on overshoot solve again with the overshoot taken off (3 tries)."""
     target = budget
@@ -207,14 +202,16 @@ def _verify(planner: Planner, g: StepWide, got: tuple, budget: int, exact) -> tu
 
 
 def estimate_plan(
-    model, plan: Plan | Choices, input_shape, batch_size, optimizer, profile, num_classes=None, name="model"
+    model: nn.Module, plan: Plan | Choices, request: PlanRequest, profile: DeviceProfile, num_classes: int | None = None
 ) -> Estimate:
-    """`estimate` of a model with a plan's choices applied (fake tensors, nothing allocated)."""
+    """`estimate` of a model with a plan's choices applied, for the step `request` names (fake
+    tensors, nothing allocated; layers changed with their cheap twins: no decomposition)."""
     choices = plan.choices if isinstance(plan, Plan) else plan
     m = copy.deepcopy(model)
     apply_plan_(m, Choices([c for c in choices.methods if c.structural], choices.layers).for_shapes())
     rest = [c for c in choices.methods if not c.structural]
-    est = estimate(m, input_shape, batch_size, optimizer, profile, rest, num_classes, name)
+    r = request
+    est = estimate(m, r.input_shape, r.batch_size, r.optimizer, profile, rest, num_classes, r.model)
     est.methods = [choices.summary()]
     return est
 

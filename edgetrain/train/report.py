@@ -9,6 +9,7 @@ from typing import Any
 
 from edgetrain.memory.plot import plot_timeline
 from edgetrain.models import create_model
+from edgetrain.planning.record import PlanRequest
 from edgetrain.planning.search import estimate_plan
 from edgetrain.train.evaluate import Evaluation
 
@@ -20,12 +21,12 @@ def write_report(recipe, ev: Evaluation) -> dict[str, Any]:
 
     cfg, out = recipe.cfg, Path(recipe.out)
     fresh = create_model(cfg.model, len(recipe.data.classes))
-    est = estimate_plan(fresh, recipe.plan, recipe.data.input_shape, cfg.batch_size, cfg.optimizer, recipe.profile,
-                        len(recipe.data.classes), cfg.model)  # fmt: skip
+    request = PlanRequest(cfg.model, recipe.data.input_shape, cfg.batch_size, cfg.optimizer, recipe.profile.name)
+    est = estimate_plan(fresh, recipe.plan, request, recipe.profile, len(recipe.data.classes))
     evals = [h for h in recipe.history if "test_accuracy" in h]
     report = {
         "model": cfg.model, "device": recipe.profile.name, "data": cfg.data, "epochs": cfg.epochs, "steps": recipe.step,
-        "methods": recipe.plan.specs(), "plan": recipe.plan.summary(), "test_accuracy": ev.accuracy, "test_loss": ev.loss,
+        "methods": recipe.plan.specs(), "plan": recipe.plan.summary(), "levers": recipe.plan.choices.levers(), "test_accuracy": ev.accuracy, "test_loss": ev.loss,
         "learned": ev.learned(), "chance_accuracy": ev.chance, "classes": recipe.data.classes,
         "per_class_accuracy": ev.per_class_accuracy, "confusion": ev.confusion, "recoveries": recipe.recoveries,
         "accuracy_by_epoch": [h["test_accuracy"] for h in evals],

@@ -60,8 +60,10 @@ def test_estimate_measure_reports_both(cli_json):
         (["estimate", "-m", "cifar_resnet8", "--method", "microbatch:micro_batches=x"], "must be int"),
         (["estimate", "-m", "cifar_resnet8", "--method", "precision:dtype=fp8"], "bf16 or fp16"),
         (["plan", "-m", "cifar_resnet8", "--allow", "everything"], "--allow: invalid choice: 'everything'"),
-        (["estimate", "-m", "cifar_resnet8", "--method", "precision:dtype=fp16", "--method", "step-in-backward"],
-         "cannot run with fp16"),
+        (
+            ["estimate", "-m", "cifar_resnet8", "--method", "precision:dtype=fp16", "--method", "step-in-backward"],
+            "cannot run with fp16",
+        ),
     ],
 )
 def test_bad_input_one_line_nonzero(cli, args, message):
@@ -90,7 +92,7 @@ def test_plan_frontier_png_and_json(cli_json, tmp_path):
     png = tmp_path / "frontier.png"
     doc = cli_json("plan", "-d", "gtx750-1gb", "-m", "cifar_resnet20", "-b", "512", "-s", "32", "--frontier", str(png))
     assert png.read_bytes()[:4] == b"\x89PNG" and doc["frontier"]
-    plan = Plan.from_dict({k: v for k, v in doc.items() if k != "measured"})
+    plan = Plan.from_dict(doc)  # what `plan --json` prints reads back as a plan
     fig = frontier_figure(plan)
     ax = fig.axes[0]
     budget = [ln for ln in ax.lines if ln.get_linestyle() == "--"][0]

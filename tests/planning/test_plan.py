@@ -84,3 +84,14 @@ def test_choices_hold_configs_parsed_once():
     c = Choices(["microbatch:micro_batches=2"], {"fc": "compress:bits=8"})
     assert c.layers["fc"] == parse_spec("compress:bits=8") and c.methods[0].micro_batches == 2
     assert c.summary() == "microbatch:micro_batches=2 + compress:bits=8 x1"
+
+
+def test_levers_say_what_each_method_changes_and_risks():
+    c = Choices(
+        ["precision:dtype=bf16"], {"layers.0": "checkpoint", "layers.1": "checkpoint", "fc": "tucker2:ratio=0.1"}
+    )
+    levers = {lv["method"]: lv for lv in c.levers()}
+    assert levers["precision:dtype=bf16"] == {"method": "precision:dtype=bf16", "level": "lossy", "risk": 1,
+                                              "where": "step"}  # fmt: skip
+    assert levers["checkpoint"]["level"] == "exact" and levers["checkpoint"]["where"] == ["layers.0", "layers.1"]
+    assert levers["tucker2:ratio=0.1"]["level"] == "architecture" and levers["tucker2:ratio=0.1"]["risk"] == 7

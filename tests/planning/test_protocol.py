@@ -67,15 +67,17 @@ class ToyHandler(MethodHandler):
         return self.unseen
 
 
-@pytest.fixture
-def toy(monkeypatch):
-    """Register the toy method for one test; the registry is put back afterwards."""
+def _register(monkeypatch, handler: MethodHandler) -> MethodHandler:
+    """Register `handler` for one test; the registry is put back afterwards."""
     list_methods()  # the built-in methods first, as in any process
     monkeypatch.setattr(base.METHODS, "_entries", dict(base.METHODS._entries))
     monkeypatch.setattr(base, "_BY_TYPE", dict(base._BY_TYPE))
-    handler = ToyHandler()
-    register_method(handler)
-    return handler
+    return register_method(handler)
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    return _register(monkeypatch, ToyHandler())
 
 
 def _plan(budget_mib: int):
@@ -186,10 +188,7 @@ class SlimHandler(MethodHandler):
 
 @pytest.fixture
 def slim(monkeypatch):
-    list_methods()
-    monkeypatch.setattr(base.METHODS, "_entries", dict(base.METHODS._entries))
-    monkeypatch.setattr(base, "_BY_TYPE", dict(base._BY_TYPE))
-    return register_method(SlimHandler())
+    return _register(monkeypatch, SlimHandler())
 
 
 def _wide():
@@ -249,10 +248,7 @@ class StageHandler(ToyHandler):
 
 @pytest.fixture
 def stage(monkeypatch):
-    list_methods()
-    monkeypatch.setattr(base.METHODS, "_entries", dict(base.METHODS._entries))
-    monkeypatch.setattr(base, "_BY_TYPE", dict(base._BY_TYPE))
-    return register_method(StageHandler())
+    return _register(monkeypatch, StageHandler())
 
 
 def test_a_run_of_blocks_is_one_unit_with_its_own_options_or_its_blocks(stage):
