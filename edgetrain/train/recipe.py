@@ -10,6 +10,7 @@ bit-for-bit on a CPU (model, optimizer, scheduler, RNG, data order and position)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import random
@@ -196,6 +197,10 @@ class Recipe:
         return [s for s in forced if s not in {e.spec for e in unused}]
 
     def _apply(self, plan: Plan) -> None:
+        if self.cfg.init is None:  # from scratch: layers the planner factorized start from fresh factors
+            c = plan.choices  # (decomposing random weights gives nothing, and takes minutes on vgg's 25088x4096)
+            layers = {n: k.for_shapes() if k.structural else k for n, k in c.layers.items()}
+            plan = dataclasses.replace(plan, choices=Choices(c.methods, layers, c.shapes))
         self.settings = apply_plan_(self.model, plan)
         self.scaler = torch.amp.GradScaler(self.dev.type) if self.settings.precision == "fp16" else None
         # on the device itself real OOMs guard the run; elsewhere the guard plays the device
@@ -257,9 +262,10 @@ class Recipe:
         if self.recoveries > MAX_RECOVERIES:
             raise Diverged(f"{err} after {MAX_RECOVERIES} recoveries with the learning rate halved each time: "
                            f"start again with a lower --lr (now {self.cfg.lr:g})") from None  # fmt: skip
-        recoveries = self.recoveries
+        recoveries, peak = self.recoveries, self.measured_peak
         self._restore(ckpt.load(self.out / "checkpoint.pt"))
         self.recoveries = recoveries
+        self.measured_peak = self.measured_peak or peak  # a checkpoint from before the guarded steps has none
         self.cfg.lr /= 2
         for g in self.opt.param_groups:  # OneCycleLR reads its schedule from these
             for key in ("lr", "initial_lr", "max_lr", "min_lr"):

@@ -104,3 +104,10 @@ def test_fit_says_when_the_model_did_not_learn(cli, tmp_path):
     assert code == 0
     line = next(ln for ln in err.splitlines() if "did not learn" in ln)
     assert "near chance" in line and "--lr (now 1e-07)" in line
+
+
+def test_a_divergence_back_to_step_0_keeps_the_measured_peak(monkeypatch, tmp_path):
+    """The checkpoint of step 0 holds no measured peak; the guarded steps before the divergence did."""
+    _spiking_step(monkeypatch, {4})
+    r = fit(FitConfig(epochs=1, ckpt_every=40, out=str(tmp_path / "r"), **SMALL))
+    assert r["recoveries"] == 1 and r["measured_peak_bytes"] and r["measured_peak_bytes"] > 0
