@@ -153,7 +153,7 @@ def _step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer):
         others = [(q, q.grad) for q in params if q is not p and q.grad is not None]
         for q, _ in others:
             q.grad = None
-        with _in_place_weight_decay(optimizer, group_of[id(p)], p):
+        with _in_place_weight_decay(optimizer, group_of.get(id(p), {}), p):  # {}: not the optimizer's
             optimizer.step()
         p.grad = None
         for q, g in others:

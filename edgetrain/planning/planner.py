@@ -112,6 +112,7 @@ class Planner:
             1.0, (plain.predicted.peak_device_bytes - self.workspace) / plain.predicted.peak_total_bytes
         )
         self.has_bn = has_batchnorm(model)
+        self._least: dict[StepWide, int] = {}  # least_fixed by setting (this table's)
 
     def _saved(self, option: Option, unit: Unit, g: StepWide) -> int:
         keeps = option is None or handler_for(option).keeps_dtype(option)
@@ -160,8 +161,13 @@ class Planner:
 
     def least_fixed(self, g: StepWide) -> int:
         """The least fixed bytes any plan under `g` holds (every unit at its lightest weights)."""
+        if g not in self._least:
+            self._least[g] = self._least_fixed(g)
+        return self._least[g]
+
+    def _least_fixed(self, g: StepWide) -> int:
         units = self.table.units
-        return g.fixed(self.table.fixed) + sum(
+        return g.fixed(self.table.fixed, self.table.largest_gradient) + sum(
             min(g.fixed(u.fixed[o]) - g.fixed(u.fixed[None]) for o in u.options) for u in units
         )
 

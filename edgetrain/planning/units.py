@@ -49,12 +49,6 @@ class Fixed:
     gradients: int = 0
     state: int = 0
 
-    def __add__(self, other: Fixed) -> Fixed:
-        return Fixed(self.params + other.params, self.gradients + other.gradients, self.state + other.state)
-
-    def __sub__(self, other: Fixed) -> Fixed:
-        return Fixed(self.params - other.params, self.gradients - other.gradients, self.state - other.state)
-
     @property
     def total(self) -> int:
         return self.params + self.gradients + self.state
