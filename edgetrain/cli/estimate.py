@@ -56,7 +56,7 @@ class Estimate(Verb):
         for spec in est.skipped:
             print(f"edgetrain estimate: --method {spec} skipped: no eligible layer in {args.model}", file=sys.stderr)
         if args.measure:
-            est.measured = _measure(args, shape, est)
+            est.host_check = _measure(args, shape, est)
         if args.plot:
             from edgetrain.memory.plot import plot_timeline
 
@@ -70,7 +70,7 @@ class Estimate(Verb):
 
 
 def _measure(args: argparse.Namespace, shape: tuple[int, int, int], est) -> dict:
-    from edgetrain.train.probe import measure_in_subprocess
+    from edgetrain.train.validate import host_check
 
     budget = None
     if args.budget:
@@ -87,9 +87,21 @@ def _measure(args: argparse.Namespace, shape: tuple[int, int, int], est) -> dict
             raise BudgetError(f"budget {mib(budget)} is below the parameters' own size: give a larger --budget")
     req = {"model": args.model, "num_classes": args.num_classes, "input_shape": list(shape),
            "batch_size": args.batch_size, "optimizer": args.optimizer, "methods": args.method, "budget": budget, "cuda": _on_gpu(est)}  # fmt: skip
-    m = measure_in_subprocess(req)
-    m["peak_process_bytes"] = m["peak_rss_bytes"]
-    return m
+    return host_check(req, _host_prediction(args, shape, est))
+
+
+def _host_prediction(args: argparse.Namespace, shape: tuple[int, int, int], est):
+    """The prediction for the machine that measures: the estimate itself when it was made for this
+    machine (the CPU host, or the GPU it runs on), else the same step predicted for this host."""
+    if _on_gpu(est) or est.device == "cpu":
+        return est.predicted
+    from edgetrain.models import create_model
+    from edgetrain.planning.estimate import estimate
+    from edgetrain.train.calibrate import resolve_profile
+
+    model = create_model(args.model, args.num_classes)
+    return estimate(model, shape, args.batch_size, args.optimizer, resolve_profile("cpu"), args.method,
+                    args.num_classes, args.model, skip_unused=args.skip_unused).predicted  # fmt: skip
 
 
 def _on_gpu(est) -> bool:
@@ -104,13 +116,12 @@ def _print(est) -> None:
     rows = [[c, mib(v)] for c, v in p.peak_by_category.items()]
     rows += [["peak (tensors)", mib(p.peak_total_bytes)], ["peak (device, allocator model)", mib(p.peak_device_bytes)],
              ["peak (process)", mib(p.peak_process_bytes)], ["saved activations", mib(p.saved_activation_bytes)]]  # fmt: skip
-    if est.measured:
-        m = est.measured
-        for row, key in zip(
-            rows[-4:], ("peak_total_bytes", None, "peak_process_bytes", "saved_activation_bytes"), strict=True
-        ):
-            row.append(mib(m[key]) if key else "-")
-    cols = ["category", "predicted MiB"] + (["measured MiB"] if est.measured else [])
+    h = est.host_check
+    if h:  # tensors are the same on every machine; the process level is this host's, on its own line
+        measured = (h["host_measured_tensor_bytes"], None, None, h["host_measured_saved_activation_bytes"])
+        for row, v in zip(rows[-4:], measured, strict=True):
+            row.append(mib(v) if v is not None else "-")
+    cols = ["category", f"predicted MiB ({est.device or 'no device'})"] + (["measured here MiB"] if h else [])
     what = f"{est.model} b{est.batch_size} {est.input_shape[1]}px {est.optimizer} {'+'.join(est.methods) or 'plain'}"
     table(f"{what}: peak at {p.peak_phase} ({p.peak_op})", cols, rows)
     print(_counts_line(est.counts, est.plain_counts))
@@ -118,6 +129,15 @@ def _print(est) -> None:
         verdict = "fits" if est.fits else "does NOT fit"
         print(f"{est.device}: device-level peak {mib(p.peak_device_bytes)} against a budget of "
               f"{mib(est.budget_bytes)}: {verdict}")  # fmt: skip
+    if h:
+        print(host_line(h))
+
+
+def host_line(h: dict) -> str:
+    """One line of a host check: this machine's measured process peak against its own prediction."""
+    return (f"this host ({h['machine'].split(': ', 1)[1]}): {mib(h['host_measured_process_bytes'])} measured, "
+            f"{mib(h['host_predicted_process_bytes'])} predicted for this host ({h['host_process_error']:+.1%}); "
+            f"tensors {h['host_tensor_error']:+.2%}")  # fmt: skip
 
 
 def _counts_line(c: dict, plain: dict | None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from edgetrain.cli.common import Verb, add_json, mib, print_json, table
-from edgetrain.cli.estimate import add_model_args
+from edgetrain.cli.estimate import add_model_args, host_line
 from edgetrain.levels import CHANGE_LEVELS, DEFAULT_ALLOW
 
 
@@ -49,7 +49,7 @@ class PlanVerb(Verb):
         shape = (args.channels, args.input_size, args.input_size)
         plan = plan_for(model, shape, args.batch_size, resolve_profile(args.device), args.optimizer, args.prefer, args.model,
                         args.num_classes, methods=args.method, allow=args.allow, frontier=bool(args.frontier))  # fmt: skip
-        measured = verify(plan, args) if args.verify else None
+        checked = verify(plan, args) if args.verify else None
         if args.out:
             plan.save(args.out)
         if args.plot:
@@ -57,27 +57,32 @@ class PlanVerb(Verb):
         if args.frontier:
             _save(frontier_figure(plan), args.frontier)
         if args.json:
-            print_json({**plan.to_dict(), "levers": plan.choices.levers(), "measured": measured})
+            print_json({**plan.to_dict(), "levers": plan.choices.levers(), "host_check": checked})
         else:
-            _print(plan, measured, args)
+            _print(plan, checked, args)
         return 0
 
 
 def verify(plan, args: argparse.Namespace) -> dict:
-    """One real training step with the plan applied, in a fresh process, under the device's guard."""
+    """One real training step with the plan applied, in a fresh process on this machine, under the
+    device's guard; beside it, the same step predicted for this machine (train/validate.host_check)."""
     import torch
 
     from edgetrain.devices.store import get_device
     from edgetrain.memory.guard import tensor_budget
-    from edgetrain.train.probe import measure_in_subprocess
+    from edgetrain.models import create_model
+    from edgetrain.planning.search import estimate_plan
+    from edgetrain.train.calibrate import resolve_profile
+    from edgetrain.train.validate import host_check
 
     profile = get_device(args.device)
+    cuda = profile.kind != "cpu" and torch.cuda.is_available()
     req = {"model": args.model, "num_classes": args.num_classes, "input_shape": plan.request.input_shape,
            "batch_size": plan.request.batch_size, "optimizer": plan.request.optimizer, "plan": plan.to_dict(),
-           "budget": tensor_budget(profile), "cuda": profile.kind != "cpu" and torch.cuda.is_available()}  # fmt: skip
-    m = measure_in_subprocess(req)
-    m["ratio_to_predicted"] = m["peak_total_bytes"] / plan.predicted.peak_total_bytes
-    return m
+           "budget": tensor_budget(profile), "cuda": cuda}  # fmt: skip
+    model = create_model(args.model, args.num_classes)
+    host = plan.predicted if cuda else estimate_plan(model, plan, plan.request, resolve_profile("cpu")).predicted
+    return host_check(req, host)
 
 
 def plan_figure(plan):
@@ -179,7 +184,7 @@ def _save(fig, path: str) -> None:
     plt.close(fig)
 
 
-def _print(plan, measured: dict | None, args: argparse.Namespace) -> None:
+def _print(plan, checked: dict | None, args: argparse.Namespace) -> None:
     rows = []
     for r in plan.candidates:
         peak = mib(r["peak_device_bytes"]) if r.get("peak_device_bytes") else "-"
@@ -200,9 +205,10 @@ def _print(plan, measured: dict | None, args: argparse.Namespace) -> None:
         print(f"  levers that change training: {', '.join(risky)}")
     if any(r["fits"] is None for r in plan.candidates):
         print("  (not checked: costlier candidates modelled to fit; only the chosen one is estimated exactly)")
-    if measured:
-        print(f"verified: one real step under the guard peaked at {mib(measured['peak_total_bytes'])} of tensors, "
-              f"{measured['ratio_to_predicted']:.3f}x the prediction")  # fmt: skip
+    if checked:
+        print(f"verified: one real step under the {plan.request.device} guard held {mib(checked['host_measured_tensor_bytes'])} "
+              f"of tensors, {checked['host_tensor_error']:+.2%} from the prediction")  # fmt: skip
+        print(host_line(checked))
     if args.out:
         print(f"plan written to {args.out}: train with `{fit_command(plan, args.out)}`")
 

@@ -29,7 +29,8 @@ from edgetrain.methods.base import MethodConfig, as_config, handler_for, prepare
 
 @dataclass
 class Estimate:
-    """Predicted (and, with `measure=True`, measured) memory of one training step."""
+    """Predicted memory of one training step (and, from `estimate --measure`, `host_check`: the step
+    measured on this machine beside this machine's own prediction; see train/validate.host_check)."""
 
     model: str
     input_shape: tuple[int, int, int]
@@ -39,7 +40,7 @@ class Estimate:
     methods: list[str]
     predicted: Prediction
     budget_bytes: int | None = None
-    measured: dict[str, Any] | None = None
+    host_check: dict[str, Any] | None = None
     skipped: list[str] = field(default_factory=list)  # methods dropped: no eligible layer (skip_unused)
     counts: dict[str, int] = field(default_factory=dict)  # parameters, trainable, forward FLOPs a sample
     plain_counts: dict[str, int] | None = None  # the same of the model without the methods

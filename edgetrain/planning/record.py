@@ -35,7 +35,7 @@ from edgetrain.methods.base import (
 PLAN_VERSION = 3
 _REQUEST = ("model", "input_shape", "batch_size", "optimizer", "device", "budget_bytes", "prefer", "allow")
 _ANSWER = ("predicted", "overhead", "risk", "reasons", "candidates", "frontier")
-_DERIVED = ("levers", "measured")  # what `plan --json` adds: read back, such a file is a plan
+_DERIVED = ("levers", "host_check")  # what `plan --json` adds: read back, such a file is a plan
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,22 @@ def test_estimate_json_fields(cli_json, tmp_path):
 def test_estimate_measure_reports_both(cli_json):
     doc = cli_json("estimate", "-m", "cifar_resnet8", "-b", "8", "-s", "32", "--measure", "--method", "checkpoint")
     assert doc["methods"] == ["checkpoint"]
-    assert doc["measured"]["peak_total_bytes"] == doc["predicted"]["peak_total_bytes"]
-    assert doc["measured"]["saved_activation_bytes"] == doc["predicted"]["saved_activation_bytes"]
+    h = doc["host_check"]
+    assert h["host_measured_tensor_bytes"] == doc["predicted"]["peak_total_bytes"] == h["host_predicted_tensor_bytes"]
+    assert h["host_measured_saved_activation_bytes"] == doc["predicted"]["saved_activation_bytes"]
+
+
+def test_a_host_check_never_sets_a_device_prediction_beside_this_hosts_measurement(cli_json, cli):
+    """plan --verify for a GTX 750 on this CPU host: the process figures are this host's, predicted and
+    measured; the device's own process prediction stays in "predicted" (another machine)."""
+    doc = cli_json("plan", "-d", "gtx750-1gb", "-m", "cifar_resnet20", "-b", "256", "-s", "32", "--verify")
+    h = doc["host_check"]
+    assert h["machine"] == "this host: peak RSS" and h["host_tensor_error"] == 0.0
+    assert abs(h["host_process_error"]) < 0.05, h  # this host's framework, not the GPU's context
+    assert h["host_predicted_process_bytes"] != doc["predicted"]["peak_process_bytes"]
+    assert not {"peak_process_bytes", "peak_rss_bytes"} & set(h)  # no field a reader could pair with "predicted"
+    code, out, _ = cli("estimate", "-d", "gtx750-1gb", "-m", "cifar_resnet8", "-b", "8", "-s", "32", "--measure")
+    assert code == 0 and "this host (peak RSS):" in out and "predicted for this host" in out
 
 
 @pytest.mark.parametrize(

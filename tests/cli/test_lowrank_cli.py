@@ -36,7 +36,7 @@ def test_estimate_shows_the_smaller_parameters_and_the_refused_bytes(cli_json):
 def test_estimate_measure_agrees_for_partial_update(cli_json):
     doc = cli_json("estimate", "-m", "cifar_resnet8", "-b", "8", "-s", "32", "--measure",
                    "--method", "tucker2", "--method", "partial:factor=last")  # fmt: skip
-    assert doc["measured"]["peak_total_bytes"] == doc["predicted"]["peak_total_bytes"]
+    assert doc["host_check"]["host_measured_tensor_bytes"] == doc["predicted"]["peak_total_bytes"]
 
 
 def test_plan_with_a_low_rank_method(cli_json, tmp_path):
