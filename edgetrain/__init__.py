@@ -19,6 +19,7 @@ _LAZY = {
     "BudgetError": "edgetrain.errors", "ConfigError": "edgetrain.errors", "EdgeOOMError": "edgetrain.errors",
     "EdgetrainError": "edgetrain.errors", "ProfileError": "edgetrain.errors",
     "BudgetGuard": "edgetrain.memory.guard", "Estimate": "edgetrain.planning.estimate",
+    "pin_malloc_policy": "edgetrain.memory.allocator",
 "MemoryTracker": "edgetrain.memory.tracker",
     "apply_method_": "edgetrain.methods.base", "list_methods": "edgetrain.methods.base",
     "parse_spec": "edgetrain.methods.base", "create_model": "edgetrain.models", "list_models": "edgetrain.models",
