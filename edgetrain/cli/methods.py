@@ -23,6 +23,7 @@ class Methods(Verb):
             print_json(rows)
             return 0
         opts = lambda o: ", ".join(f"{k}={v}" for k, v in o.items()) or "-"
-        table("methods (use as --method name:key=value,...)", ["name", "risk", "options", "what"],
-              [[r["name"], r["risk"], opts(r["options"]), r["help"]] for r in rows])  # fmt: skip
+        table("methods (use as --method name:key=value,...; the planner weighs a method up to --allow LEVEL)",
+              ["name", "risk", "level", "options", "what"],
+              [[r["name"], r["risk"], r["level"], opts(r["options"]), r["help"]] for r in rows])  # fmt: skip
         return 0

@@ -37,7 +37,7 @@ UNIT_KINDS = ("run", "block", "layer")
 def change_level(config: MethodConfig, risk: int | None = None) -> str:
     """Its `CHANGE_LEVELS` entry: 'architecture' for a config that changes the layers, else 'lossy'
     when it risks accuracy (`risk`: a step-wide config's effective risk on this model), else 'exact'."""
-    if config.structural:
+    if config.structural or config.changes_layers:
         return "architecture"
     return "lossy" if (config.risk if risk is None else risk) > 0 else "exact"
 
@@ -77,6 +77,7 @@ class MethodConfig:
     risk: ClassVar[int] = 0
     help: ClassVar[str] = ""
     structural: ClassVar[bool] = False  # changes the layers themselves (low-rank): applied before the rest
+    changes_layers: ClassVar[bool] = False  # other layers, not applied first (reversible): --allow architecture
     spec_keys: ClassVar[tuple[str, ...]] = ()  # options `spec_of` always writes, default or not
 
     def for_shapes(self) -> MethodConfig:
@@ -252,13 +253,14 @@ def structural_specs(specs: list[str]) -> list[str]:
 
 
 def describe_methods() -> list[dict[str, Any]]:
-    """Name, help, risk (at the default options: some methods' risk depends on them) and options
-    (with defaults) of every registered method."""
+    """Name, help, risk (at the default options: some methods' risk depends on them), `--allow`
+    level and options (with defaults) of every registered method."""
     out = []
     for name in list_methods():
         cls = METHODS.get(name).config_type
         opts = {f.name: f.default for f in dataclasses.fields(cls)}
-        out.append({"name": name, "help": cls.help, "risk": int(cls().risk), "options": opts})
+        out.append({"name": name, "help": cls.help, "risk": int(cls().risk), "level": change_level(cls()),
+                    "options": opts})  # fmt: skip
     return out
 
 

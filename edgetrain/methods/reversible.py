@@ -298,6 +298,7 @@ class ReversibleConfig(MethodConfig):
 
     name: ClassVar[str] = "reversible"
     risk: ClassVar[int] = 3
+    changes_layers: ClassVar[bool] = True  # other blocks, other weights: --allow architecture
     help: ClassVar[str] = "runs of shape-preserving residual blocks -> reversible couplings (retrain)"
     check_every: int = 0
     tolerance: float = 1e-3
