@@ -54,11 +54,13 @@ class ToyHandler(MethodHandler):
     def apply(self, module: nn.Module, config: MethodConfig) -> nn.Module:
         return swap_class_(module, _Toy)
 
+    kind = "block"  # the unit kind it offers its one config for
+
     def unit_kind(self, name: str, module: nn.Module) -> str | None:
-        return "block" if self.eligible(name, module, ToyConfig()) else None
+        return self.kind if self.eligible(name, module, self.config_type()) else None
 
     def candidates(self, kind: str) -> list[MethodConfig]:
-        return [ToyConfig()] if kind == "block" else []
+        return [self.config_type()] if kind == self.kind else []
 
     def seconds(self, config: MethodConfig, unit: UnitCost) -> float:
         return self.price
@@ -169,21 +171,15 @@ class SlimConfig(MethodConfig):
     help: ClassVar[str] = "test only: a rank-8 linear"
 
 
-class SlimHandler(MethodHandler):
+class SlimHandler(ToyHandler):
     config_type = SlimConfig
-    plan_scope = "unit"
+    kind = "layer"
 
     def eligible(self, name: str, module: nn.Module, config: MethodConfig) -> bool:
         return isinstance(module, nn.Linear) and module.in_features * module.out_features >= 2**20
 
     def apply(self, module: nn.Module, config: MethodConfig) -> nn.Module:
         return nn.Sequential(nn.Linear(module.in_features, 8, bias=False), nn.Linear(8, module.out_features))
-
-    def unit_kind(self, name: str, module: nn.Module) -> str | None:
-        return "layer" if self.eligible(name, module, SlimConfig()) else None
-
-    def candidates(self, kind: str) -> list[MethodConfig]:
-        return [SlimConfig()] if kind == "layer" else []
 
 
 @pytest.fixture
@@ -229,6 +225,7 @@ class StageConfig(MethodConfig):
 
 class StageHandler(ToyHandler):
     config_type = StageConfig
+    kind = "run"
 
     def eligible(self, name: str, module: nn.Module, config: MethodConfig) -> bool:
         kids = list(module.children())
@@ -238,12 +235,6 @@ class StageHandler(ToyHandler):
         for block in module.children():
             swap_class_(block, _Toy)
         return module
-
-    def unit_kind(self, name: str, module: nn.Module) -> str | None:
-        return "run" if self.eligible(name, module, StageConfig()) else None
-
-    def candidates(self, kind: str) -> list[MethodConfig]:
-        return [StageConfig()] if kind == "run" else []
 
 
 @pytest.fixture
