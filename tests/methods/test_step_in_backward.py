@@ -15,20 +15,21 @@ from edgetrain.models import create_model
 
 
 class Shared(nn.Module):
-    """A layer used twice, an input reused after it, and a frozen layer: the graph patterns that
-    break a per-parameter update (stepping a weight before all its uses are summed)."""
+    """A layer used twice, an input reused after it, a frozen layer and dropout: the graph patterns
+    that break a per-parameter update (stepping a weight before all its uses are summed)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.mid = nn.Conv2d(8, 8, 3, padding=1)
         self.frozen = nn.Conv2d(8, 8, 1).requires_grad_(False)
+        self.drop = nn.Dropout(0.3)  # a stochastic module: both paths draw the same masks
         self.head = nn.Linear(8, 10)
 
     def forward(self, x):  # (N, 3, H, W)
         h = torch.relu(self.conv(x))
         h = torch.relu(self.mid(h)) + self.mid(h) + h  # the same weights twice, the input again
-        h = self.frozen(h)
+        h = self.drop(self.frozen(h))
         return self.head(h.mean((2, 3)))  # (N, 10)
 
 
