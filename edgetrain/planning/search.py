@@ -123,17 +123,26 @@ def _search(
     row["fits"] = False
     planner = planner or Planner(model, spec, profile, request.prefer, plain, request.allow)
     rows = [row]
-    got = _first_fit(planner, budget, exact, rows)
-    if got is not None:
-        cand, est, factor, g = got
-        return _finish(doc, cand, est, factor, rows, _reasons(planner, g, cand, est, budget, base))
-    g, p, est = _lightest(planner, exact)
-    factor = planner.global_cost(g)[1]
-    if est.predicted.peak_device_bytes <= budget:  # the linear model erred high; the exact check says it fits
-        rows.append({**_row(p, est, factor, True), "chosen": True})
-        why = "the modelled plans did not fit; the lightest plan, estimated exactly, does"
-        return _finish(doc, p, est, factor, rows, [why, *_reasons(planner, g, p, est, budget, base)])
+    for level in _levels(request.allow):  # the layers change only when nothing fits without that
+        planner.allow = level
+        got = _first_fit(planner, budget, exact, rows)
+        if got is not None:
+            cand, est, factor, g = got
+            return _finish(doc, cand, est, factor, rows, _reasons(planner, g, cand, est, budget, base))
+        g, p, est = _lightest(planner, exact)
+        if est.predicted.peak_device_bytes <= budget:  # the linear model erred high; the exact check says it fits
+            factor = planner.global_cost(g)[1]
+            rows.append({**_row(p, est, factor, True), "chosen": True})
+            why = "the modelled plans did not fit; the lightest plan, estimated exactly, does"
+            return _finish(doc, p, est, factor, rows, [why, *_reasons(planner, g, p, est, budget, base)])
     raise _not_fit(planner, request, p, est, _at_a_higher_level(planner, budget, exact))
+
+
+def _levels(allow: str) -> list[str]:
+    """The levels to search in turn: the one allowed, or first the one below when it is the
+    architecture (exact and lossy levers are weighed together: their cost decides)."""
+    top = CHANGE_LEVELS[-1]
+    return [CHANGE_LEVELS[-2], top] if allow == top else [allow]
 
 
 def _first_fit(
