@@ -102,8 +102,10 @@ def _ssh(host: str, command: str) -> tuple[str, ...]:
 
 
 def plan_steps(target: Target, host: str, artifacts: str | None = None, data: str = "digits",
-               registry: str | None = None, host_platform: str = "linux/amd64") -> list[Step]:  # fmt: skip
-    """The deployment, step by step, as argv lists (what --dry-run prints and the real run executes)."""
+               registry: str | None = None, host_platform: str = "linux/amd64",
+               superlink: str | None = None) -> list[Step]:  # fmt: skip
+    """The deployment, step by step, as argv lists (what --dry-run prints and the real run executes).
+    With `superlink`, the board joins that fleet (a SuperNode) instead of fine-tuning alone."""
     build = ["docker", "buildx", "build", "--platform", target.platform, "-f", target.dockerfile, "-t", target.tag]
     if target.platform == host_platform and not registry:
         build = ["docker", "build", "-f", target.dockerfile, "-t", target.tag]
@@ -124,8 +126,14 @@ def plan_steps(target: Target, host: str, artifacts: str | None = None, data: st
         steps.append(Step("copy", ("scp", "-q", "-r", "-o", "BatchMode=yes", f"{artifacts.rstrip('/')}/.",
                                    f"{host}:{REMOTE_DIR}/artifacts/")))  # fmt: skip
     command = "finetune-default" if artifacts or target.image == "runtime" else ""
+    fleet: list[str] = []
+    if superlink:  # the host network: the SuperNode reaches the SuperLink, and its own port stays local
+        command, fleet = "fleet-join", ["--network=host", f"--env=EDGETRAIN_SUPERLINK={superlink}"]
+        if target.image == "runtime" and not artifacts:
+            raise ConfigError("--superlink with the runtime image trains exported artifacts: pass --artifacts DIR")
     run = ["docker", "rm", "-f", CONTAINER, ">/dev/null", "2>&1;", "docker", "run", "-d", "--name", CONTAINER,
-           *target.run_flags, f"--env=EDGETRAIN_DATA={data}", "-v", f"$HOME/{REMOTE_DIR}:/work", tag, command]  # fmt: skip
+           *target.run_flags, *fleet, f"--env=EDGETRAIN_DATA={data}", "-v", f"$HOME/{REMOTE_DIR}:/work", tag,
+           command]  # fmt: skip
     steps.append(Step("start", _ssh(host, " ".join(a for a in run if a))))
     steps.append(Step("tail", _ssh(host, f"docker logs -f {CONTAINER}")))
     return steps

@@ -141,3 +141,31 @@ def test_entrypoint_fits_the_embedded_default_on_this_host(tmp_path):
 def test_entrypoint_finetune_default_needs_artifacts(tmp_path):
     proc = _entrypoint(tmp_path, "finetune-default")
     assert proc.returncode == 2 and "no artifacts in" in proc.stderr
+
+
+def test_a_board_deployed_into_a_fleet_starts_a_supernode_on_the_host_network():
+    nano = target_for(get_device("jetson-nano"), "runtime")
+    start = next(s for s in plan_steps(nano, "me@nano", "art", superlink="10.0.0.1:9092") if s.name == "start")
+    assert "--network=host --env=EDGETRAIN_SUPERLINK=10.0.0.1:9092" in start.shell()
+    assert start.shell().rstrip("'").endswith("edgetrain:runtime-arm64 fleet-join")
+    with pytest.raises(ConfigError, match="--superlink with the runtime image trains exported artifacts"):
+        plan_steps(nano, "me@nano", None, superlink="10.0.0.1:9092")
+
+
+def test_entrypoint_fleet_join_says_in_one_line_when_the_server_cannot_be_reached(tmp_path):
+    proc = _entrypoint(tmp_path, "fleet-join", EDGETRAIN_SUPERLINK=f"127.0.0.1:{_closed_port()}", EDGETRAIN_DEVICE="cpu",
+                       EDGETRAIN_PARTITION="0/4", EDGETRAIN_MAX_WAIT="3")  # fmt: skip
+    assert proc.returncode == 6, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("edgetrain fleet: error: could not reach the SuperLink at")
+    assert (tmp_path / "out" / "fleet-node.log").is_file()
+    assert _entrypoint(tmp_path, "fleet-join").stderr.strip() == (
+        "edgetrain-entrypoint: set EDGETRAIN_SUPERLINK=HOST:PORT (where `edgetrain fleet serve` runs)"
+    )
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

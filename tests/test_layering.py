@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("edgetrain.models",),
     ("edgetrain.planning",),
     ("edgetrain.train", "edgetrain.export", "edgetrain.deploy"),
+    ("edgetrain.fleet",),
     ("edgetrain.cli",),
     ("edgetrain",),  # the package's public API (lazy wrappers over everything)
 ]

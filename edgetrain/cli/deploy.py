@@ -17,6 +17,7 @@ class Deploy(Verb):
         "edgetrain deploy --device jetson-nano --host me@nano --artifacts art            # runtime image",
         "edgetrain deploy --device jetson-orin-nano --host me@board --image full --jetpack 6",
         "edgetrain deploy --device jetson-xavier-nx --host me@nx --registry registry.local:5000",
+        "edgetrain deploy --device jetson-nano --host me@nano --artifacts art --superlink 192.168.1.10:9092 --dry-run",
     )
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
@@ -34,6 +35,8 @@ class Deploy(Verb):
         p.add_argument(
             "--registry", help="push to and pull from this registry instead of docker save | ssh docker load"
         )
+        p.add_argument("--superlink", metavar="HOST:PORT",
+                       help="join the fleet served there (`edgetrain fleet serve`) instead of fine-tuning alone")  # fmt: skip
         p.add_argument("--dry-run", action="store_true", help="print the commands, in order, and run nothing")
         add_json(p)
 
@@ -46,7 +49,7 @@ class Deploy(Verb):
             raise ConfigError(f"--artifacts {args.artifacts}: no manifest.json there; write it with `edgetrain export`")
         target = target_for(get_device(args.device), args.image, args.jetpack)
         host_platform = "linux/arm64" if platform.machine() in ("aarch64", "arm64") else "linux/amd64"
-        steps = plan_steps(target, args.host, args.artifacts, args.data, args.registry, host_platform)
+        steps = plan_steps(target, args.host, args.artifacts, args.data, args.registry, host_platform, args.superlink)
         if args.dry_run:
             if args.json:
                 print_json(

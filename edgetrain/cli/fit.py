@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from edgetrain.cli.common import Verb, add_json, print_json
@@ -20,6 +21,7 @@ class Fit(Verb):
         "edgetrain fit --device jetson-nano --plan runs/mine/plan.yaml --out runs/again",
         "edgetrain fit --method tucker2:ratio=0.25,reg=so --epochs 4   # low-rank from scratch, planned on top",
         "edgetrain fit --init runs/mine/model.pt --method tucker2:energy=0.9 --method partial --epochs 2",
+        "edgetrain fit --device cpu --nproc 2 --batch-size 64 --out runs/ddp   # DDP: 2 processes of 32",
     )
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
@@ -49,9 +51,13 @@ class Fit(Verb):
         )
         p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
         p.add_argument("--ckpt-every", type=int, default=20, help="steps between checkpoints")
+        p.add_argument("--nproc", type=int, default=1, help="train in this many processes (DDP under torchrun; "
+                       "--batch-size is the total, split evenly)")  # fmt: skip
         add_json(p)
 
     def run(self, args: argparse.Namespace) -> int:
+        if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
+            return _launch(args)
         from edgetrain.train.recipe import RUN_OPTIONS, FitConfig, fit
 
         asked = {k: getattr(args, "method" if k == "methods" else k) for k in RUN_OPTIONS}
@@ -60,6 +66,8 @@ class Fit(Verb):
         cfg = FitConfig(**given, out=args.resume or args.out, ckpt_every=args.ckpt_every,
                         skip_unused=args.skip_unused, quiet=args.json)  # fmt: skip
         report = fit(cfg, resume=bool(args.resume), asked=asked)
+        if "rank" in report:  # a rank other than 0 under --nproc: rank 0 reports for the run
+            return 0
         if args.json:
             print_json(report)
         else:
@@ -70,6 +78,42 @@ class Fit(Verb):
                   f"(now {report['config']['lr']:g}), or check that the class folders of --data hold what their names say",
                   file=sys.stderr)  # fmt: skip
         return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """`fit --nproc N`: the same command in N ranks under torchrun, all with one run directory."""
+    from edgetrain.errors import ConfigError
+    from edgetrain.train import distributed as ddp
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+    from edgetrain.methods.base import parse_spec
+
+    world = ddp.World(0, args.nproc, 0)  # what the ranks will check, checked here: one line, not one a rank
+    if not args.resume:
+        ddp.check_batch(args.batch_size or _from_plan(args.plan).get("batch_size") or 64, world)
+        ddp.check_methods([parse_spec(m) for m in args.method or []], world)
+    argv, skip = [], False
+    for a in args.argv:  # drop --nproc N: the ranks are the processes
+        if skip or a.startswith("--nproc="):
+            skip = False
+            continue
+        skip = a == "--nproc"
+        argv += [] if skip else [a]
+    if not args.resume and not args.out:
+        argv += ["--out", ddp.default_out()]
+    cuda = (args.device or "gtx750-1gb") != "cpu" and _cuda()
+    code = ddp.launch(argv, args.nproc, cuda)
+    if code != 0:
+        print(f"edgetrain fit: a rank failed (exit {code}); the last checkpoint is kept: continue with --resume "
+              f"{args.resume or args.out or 'runs/last'} --nproc {args.nproc}", file=sys.stderr)  # fmt: skip
+    return code
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _from_plan(path: str | None) -> dict:

@@ -12,6 +12,7 @@ from edgetrain.cli.estimate import Estimate
 from edgetrain.cli.export import Export
 from edgetrain.cli.finetune import Finetune
 from edgetrain.cli.fit import Fit
+from edgetrain.cli.fleet import Fleet
 from edgetrain.cli.methods import Methods
 from edgetrain.cli.models import Models
 from edgetrain.cli.plan import PlanVerb
@@ -29,6 +30,7 @@ VERBS: list[Verb] = [
     Export(),
     Finetune(),
     Deploy(),
+    Fleet(),
 ]
 
 
@@ -55,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one clear line and a non-zero exit for any user error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv  # as given: `fit --nproc` starts its ranks with the same command line
     except SystemExit as e:  # --help (0) or a usage error, already printed in one line (2)
         return int(e.code or 0)
     from edgetrain.devices.store import add_profile_dir

@@ -94,6 +94,9 @@ class MethodHandler:
     # How the planner may choose it: "unit" (per block or layer), "step" (step-wide), or "none"
     # (only when asked for: changes to the layers themselves, freezing).
     plan_scope: ClassVar[str] = "none"
+    # Whether the step still computes the same when DDP replicates it (`fit --nproc`): a method that
+    # updates or recomputes gradients outside autograd's accumulation, which DDP hooks, says False.
+    replicas_ok: ClassVar[bool] = True
 
     def eligible(self, name: str, module: nn.Module, config: MethodConfig) -> bool:
         """Whether `apply` handles this module (by default: none; model-wide methods)."""

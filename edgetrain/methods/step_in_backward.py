@@ -30,6 +30,7 @@ class StepInBackwardConfig(MethodConfig):
 
 
 class StepInBackwardHandler(MethodHandler):
+    replicas_ok = False  # it steps as each local gradient completes, before DDP has averaged it
     config_type = StepInBackwardConfig
     plan_scope = "step"
 

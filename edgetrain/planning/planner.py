@@ -97,9 +97,9 @@ class Planner:
     """Holds the unit table of one model/step and answers for each step-wide setting."""
 
     def __init__(self, model: nn.Module, spec: StepSpec, profile: DeviceProfile, prefer: str, plain: Estimate,
-                 allow: str = DEFAULT_ALLOW):  # fmt: skip
+                 allow: str = DEFAULT_ALLOW, processes: int = 1):  # fmt: skip
         self.model, self.spec, self.profile, self.weight = model, spec, profile, PREFER[prefer]
-        self.plain, self.allow, self.prefer = plain, allow, prefer
+        self.plain, self.allow, self.prefer, self.processes = plain, allow, prefer, processes
         self.table: UnitTable = unit_table(model, spec, keep=self.allowed)
         self.t0 = step_seconds(self.table, profile)
         self.top = [u for u in self.table.units if u.parent is None]
@@ -124,11 +124,16 @@ class Planner:
 
     def at(self, allow: str) -> Planner:
         """The same question at another change level (its options measured anew)."""
-        return Planner(self.model, self.spec, self.profile, self.prefer, self.plain, allow)
+        return Planner(self.model, self.spec, self.profile, self.prefer, self.plain, allow, self.processes)
 
     def allowed(self, config: MethodConfig | None, risk: int | None = None) -> bool:
-        """Whether `config` changes the training no more than `allow` lets it."""
-        return config is None or CHANGE_LEVELS.index(change_level(config, risk)) <= CHANGE_LEVELS.index(self.allow)
+        """Whether `config` changes the training no more than `allow` lets it (and, with several
+        processes, whether DDP can follow its backward)."""
+        if config is None:
+            return True
+        if self.processes > 1 and not handler_for(config).replicas_ok:
+            return False
+        return CHANGE_LEVELS.index(change_level(config, risk)) <= CHANGE_LEVELS.index(self.allow)
 
     def settings(self) -> list[StepWide]:
         """The step-wide settings allowed (a config's risk as its effect on this model says)."""

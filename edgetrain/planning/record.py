@@ -33,7 +33,7 @@ from edgetrain.methods.base import (
 )  # fmt: skip
 
 PLAN_VERSION = 3
-_REQUEST = ("model", "input_shape", "batch_size", "optimizer", "device", "budget_bytes", "prefer", "allow")
+_REQUEST = ("model", "input_shape", "batch_size", "optimizer", "device", "budget_bytes", "prefer", "allow", "processes")
 _ANSWER = ("predicted", "overhead", "risk", "reasons", "candidates", "frontier")
 _DERIVED = ("levers", "host_check")  # what `plan --json` adds: read back, such a file is a plan
 
@@ -50,6 +50,7 @@ class PlanRequest:
     budget_bytes: int | None = None
     prefer: str = "speed"
     allow: str = DEFAULT_ALLOW  # how much the plan may change the training (CHANGE_LEVELS)
+    processes: int = 1  # DDP ranks running this step (each with batch_size): only methods DDP can follow
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(self.input_shape))

@@ -51,6 +51,7 @@ def plan_for(
     methods: Sequence[MethodConfig | str] = (),
     allow: str = DEFAULT_ALLOW,
     frontier: bool = False,
+    processes: int = 1,
 ) -> Plan:
     """The least-cost plan whose predicted device peak fits `device` (or `budget_bytes`).
 
@@ -58,7 +59,8 @@ def plan_for(
     would make it fit when nothing does. `methods`: structural methods (low-rank layers) the user
     chose; they are applied first and the search plans the factorized model. `allow`: exact,
     lossy (the default) or architecture, how much the plan may change the training. `frontier`:
-    also sweep the memory/time trade-off (`Plan.frontier`)."""
+    also sweep the memory/time trade-off (`Plan.frontier`). `processes`: DDP ranks, each running
+    this step at `batch_size` (only methods DDP can follow)."""
     if prefer not in PREFER:
         raise ConfigError(f"--prefer must be speed or accuracy, got {prefer!r}")
     profile = get_device(device)
@@ -71,7 +73,7 @@ def plan_for(
         model = prepare(model, configs, shapes_only=True)[0]
     base = " + ".join(map(spec_of, configs)) or "plain"
     request = PlanRequest(name, tuple(input_shape), batch_size, optimizer, profile.name,
-                          budget_bytes or profile.usable_memory_bytes, prefer, check_allow(allow))  # fmt: skip
+                          budget_bytes or profile.usable_memory_bytes, prefer, check_allow(allow), processes)  # fmt: skip
     chosen = _search(model, request, profile, num_classes, base, frontier)
     return _with_low_rank(chosen, configs) if configs else chosen
 
@@ -107,7 +109,7 @@ def _search(
     plain = exact(Choices())
     doc = Plan(request)
     spec = StepSpec(request.input_shape, request.batch_size, num_classes or num_classes_of(model), request.optimizer)
-    planner = Planner(model, spec, profile, request.prefer, plain, request.allow) if sweep else None
+    planner = Planner(model, spec, profile, request.prefer, plain, request.allow, request.processes) if sweep else None
     if planner is not None:
         doc.frontier = frontier(planner)
     row = {"plan": base, "peak_device_bytes": plain.predicted.peak_device_bytes, "overhead": 1.0, "risk": 0,
@@ -121,7 +123,7 @@ def _search(
         )
         return _finish(doc, Choices(), plain, 1.0, [row], [why])
     row["fits"] = False
-    planner = planner or Planner(model, spec, profile, request.prefer, plain, request.allow)
+    planner = planner or Planner(model, spec, profile, request.prefer, plain, request.allow, request.processes)
     rows = [row]
     for level in _levels(request.allow):  # the layers change only when nothing fits without that
         planner.allow = level

@@ -123,6 +123,17 @@ class OrtTrainer:
     def parameter(self, name: str) -> np.ndarray:
         return self.state.get_parameter(name).data.numpy()
 
+    def parameter_names(self) -> list[str]:
+        """Every parameter in the checkpoint state: trainable and frozen initializers."""
+        return list(self.state.parameter_names())
+
+    def set_parameter(self, name: str, value: np.ndarray) -> None:
+        """Overwrite one parameter (a fleet client loads the global weights this way)."""
+        from onnxruntime.capi.onnxruntime_inference_collection import OrtValue
+
+        param = self.state.get_parameter(name)
+        param.copy_from(self.state, OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value, np.float32))._ortvalue)
+
     def save(self, path: str | Path) -> Path:
         """Atomically: written next to `path`, then renamed over it."""
         path = Path(path)

@@ -36,6 +36,7 @@ from edgetrain.models import create_model
 from edgetrain.planning import Choices, Plan, PlanRequest, apply_plan_, plan_for
 from edgetrain.progress import Progress
 from edgetrain.train import checkpoint as ckpt
+from edgetrain.train import distributed as ddp
 from edgetrain.train.calibrate import resolve_profile
 from edgetrain.train.data import augment, load_data
 from edgetrain.train.evaluate import Evaluation, precise_bn_sample, recalibrate_bn_
@@ -106,6 +107,8 @@ class Recipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.profile = resolve_profile(cfg.device)
+        self.world = ddp.world()
+        self.dev = ddp.start(self.world, self.profile.kind != "cpu" and torch.cuda.is_available())
         state = ckpt.load(self.out / "checkpoint.pt") if self.resume else None
         if state is None:
             _check_new_run_dir(self.out)
@@ -115,9 +118,10 @@ class Recipe:
             self.cfg = cfg = FitConfig(
                 **{**state["config"], "out": cfg.out, "quiet": cfg.quiet, "max_steps": cfg.max_steps}
             )
+        ddp.barrier(self.world)  # every rank has checked the directory before rank 0 writes to it
         _seed_everything(cfg.seed)
         self.data = load_data(cfg.data, cfg.input_size, cfg.seed)
-        self.dev = torch.device("cuda" if self.profile.kind != "cpu" and torch.cuda.is_available() else "cpu")
+        self.rank_batch = ddp.check_batch(cfg.batch_size, self.world)
         self.train_loader, self.test_loader = self.data.loaders(cfg.batch_size, cfg.seed, self.profile.kind)
         self._build_model(state)
         self.opt = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr)
@@ -133,7 +137,7 @@ class Recipe:
         if state is not None:
             self._restore(state)
         self.out.mkdir(parents=True, exist_ok=True)
-        if not self.resume:
+        if not self.resume and self.world.main:
             _point_last_at(self.out)
             self.save_checkpoint()  # step 0: a divergence in the first steps has somewhere to go back to
             self.plan.save(self.out / "plan.yaml")  # after the checkpoint: the directory is a run now
@@ -142,7 +146,7 @@ class Recipe:
     def _name_skipped(self) -> None:
         """Unreadable images: the first few named on stderr, all of them in skipped_images.txt."""
         bad = self.data.skipped
-        if not bad:
+        if not bad or not self.world.main:
             return
         listing = self.out / "skipped_images.txt"
         listing.write_text("".join(f"{b}\n" for b in bad))
@@ -171,6 +175,8 @@ class Recipe:
             print(f"edgetrain fit: {len(c['layers'])} layers factorized ({spec_of(self.plan.choices.methods[0])}): logits error "
                   f"{c['logits_error']:.3f}, top-1 agreement {c['top1_agreement']:.1%} with the dense model")  # fmt: skip
         self.model.to(self.dev)
+        ddp.check_methods([*self.plan.choices.methods, *self.plan.choices.layers.values()], self.world)
+        self.net = ddp.wrap(self.model, self.world, self.dev)  # what steps run through (the model itself elsewhere)
 
     def _plan(self, forced: list[str], budget_bytes: int | None = None) -> Plan:
         cfg = self.cfg
@@ -179,11 +185,12 @@ class Recipe:
         forced = self._usable(forced) if budget_bytes is None else forced
         low = structural_specs(forced)
         if len(low) < len(forced):
-            request = PlanRequest(cfg.model, self.data.input_shape, cfg.batch_size, cfg.optimizer, self.profile.name)
+            request = PlanRequest(cfg.model, self.data.input_shape, self.rank_batch, cfg.optimizer, self.profile.name,
+                                  processes=self.world.size)  # fmt: skip
             return Plan(request, Choices(list(forced)))
-        chosen = plan_for(self.model, self.data.input_shape, cfg.batch_size, self.profile, cfg.optimizer,
+        chosen = plan_for(self.model, self.data.input_shape, self.rank_batch, self.profile, cfg.optimizer,
                           cfg.prefer, cfg.model, len(self.data.classes), budget_bytes, methods=low,
-                          allow=cfg.allow)  # fmt: skip
+                          allow=cfg.allow, processes=self.world.size)  # fmt: skip
         return chosen
 
     def _usable(self, forced: list[str]) -> list[str]:
@@ -209,7 +216,8 @@ class Recipe:
     # --- train -----------------------------------------------------------------------------
     def train(self) -> None:
         cfg = self.cfg
-        with Progress(cfg.epochs * len(self.train_loader), self.profile.usable_memory_bytes, quiet=cfg.quiet) as bar:
+        quiet = cfg.quiet or not self.world.main
+        with Progress(cfg.epochs * len(self.train_loader), self.profile.usable_memory_bytes, quiet=quiet) as bar:
             bar.advance_to(self.step)
             while self.epoch < cfg.epochs:
                 try:
@@ -229,10 +237,9 @@ class Recipe:
         for i, (x, y) in enumerate(self.train_loader):
             if i < self.step_in_epoch:
                 continue  # resumed mid-epoch: same order, skip what was done
-            loss = self._step(
-                augment(x, self.aug_gen, flip=self.cfg.data != "digits").to(self.dev, non_blocking=True),
-                y.to(self.dev, non_blocking=True),
-            )
+            x = augment(x, self.aug_gen, flip=self.cfg.data != "digits")  # the whole batch: every rank draws alike
+            loss = self._step(ddp.shard(x, self.world).to(self.dev, non_blocking=True),
+                              ddp.shard(y, self.world).to(self.dev, non_blocking=True))  # fmt: skip
             self._check_divergence(loss)
             self.step_in_epoch, self.step = i + 1, self.step + 1
             self.history.append(
@@ -284,11 +291,11 @@ class Recipe:
                 with BudgetGuard(
                     self._tensor_budget(), self.model, self.opt, (x, y), allocation_granularity(self.profile)
                 ) as g:
-                    loss = train_step(self.model, x, y, self.opt, self.settings, g, self.scaler)
+                    loss = train_step(self.net, x, y, self.opt, self.settings, g, self.scaler)
                 self.measured_peak = g.report().peak_bytes
                 self.guarded -= 1
             else:
-                loss = train_step(self.model, x, y, self.opt, self.settings, scaler=self.scaler)
+                loss = train_step(self.net, x, y, self.opt, self.settings, scaler=self.scaler)
                 if self.dev.type == "cuda":
                     self.measured_peak = torch.cuda.max_memory_allocated()
         except (EdgeOOMError, torch.OutOfMemoryError) as e:
@@ -298,7 +305,7 @@ class Recipe:
             return self._step(x, y)
         self.sched.step()
         self.step_times.append(time.perf_counter() - t0)
-        return float(loss)
+        return float(ddp.mean_over_ranks(loss, self.world))  # every rank sees the batch's loss, and acts alike
 
     def _sample(self) -> torch.Tensor:
         """A fixed batch of test inputs (the conversion report's sample)."""
@@ -310,6 +317,8 @@ class Recipe:
 
     def _replan(self, err: Exception) -> None:
         """Out of memory: plan again for 80% of the budget, apply, retry the same batch."""
+        if self.world.size > 1:  # one rank's new plan would leave the others waiting in a collective
+            raise EdgeOOMError(f"{err}; with --nproc, plan for the device first (`edgetrain plan`) and pass --plan")
         self.opt.zero_grad(set_to_none=True)
         tighter = int(self._tensor_budget() * 0.8)
         old = self.plan
@@ -323,6 +332,7 @@ class Recipe:
             raise err
         self.plan = new
         self._apply(new)
+        self.net = self.model
         new.save(self.out / "plan.yaml")
         print(f"edgetrain fit: out of memory ({err}); re-planned for {tighter / 2**20:.0f} MiB: "
               f"{old.summary()} -> {new.summary()}", flush=True)  # fmt: skip
@@ -337,6 +347,9 @@ class Recipe:
 
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes (atomically); the other ranks hold the same state and write nothing."""
+        if not self.world.main:
+            return self.out / "checkpoint.pt"
         state = {
             "config": asdict(self.cfg), "plan": self.plan.to_dict(), "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
@@ -376,6 +389,8 @@ class Recipe:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            if self.stop_signal is not None:
+                ddp.stop()
         if self.stop_signal is not None:
             raise Interrupted(
                 f"stopped by signal {self.stop_signal}; checkpoint saved: resume with --resume {self.out}"
@@ -389,8 +404,13 @@ class Recipe:
         from edgetrain.train.report import write_report
 
         ev = self.evaluate()  # BatchNorm statistics re-estimated: what is saved is what is evaluated
+        if not self.world.main:
+            ddp.stop()
+            return {"rank": self.world.rank, "test_accuracy": ev.accuracy}
         ckpt.save_weights(self.model.state_dict(), self.out / "model.pt")
-        return write_report(self, ev)
+        report = write_report(self, ev)
+        ddp.stop()
+        return report
 
 
 def fit(
