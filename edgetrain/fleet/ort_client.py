@@ -12,10 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from edgetrain.fleet.wire import FleetConfig, check_match, from_wire, shapes_of, to_wire
+from edgetrain.fleet.wire import STATS, FleetConfig, check_match, from_wire, shapes_of, to_wire
 from edgetrain.runtime.trainer import OrtTrainer, load_manifest
-
-STATS = (".running_mean", ".running_var")
 
 
 class OrtClient:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from edgetrain.errors import ConfigError, EdgetrainError
-from edgetrain.fleet.wire import REASON, FleetConfig, MismatchError, nbytes, pack, unpack
+from edgetrain.fleet.wire import REASON, STATS, FleetConfig, MismatchError, nbytes, pack, unpack
 
 ROUND_TRIES = 3  # a round with too few replies is tried this often before the run stops
 MISMATCH = "does not match the server's"
@@ -107,14 +107,18 @@ class FleetServer:
         else:
             raise FleetError(f"round {r}: fewer than --min-clients {self.cfg.min_clients} replied in {ROUND_TRIES} "
                              "tries: check the clients' logs, or lower --min-clients")  # fmt: skip
+        ok.sort(key=_client_order)  # sums in a fixed order: a rerun is the same run, whatever order replies came in
         agg, _ = strategy.aggregate_train(r, ok)
         self.arrays = unpack(agg)
+        averaged = self.evaluate(self.arrays) if self.evaluate and any(k.endswith(STATS) for k in self.arrays) else None
         clients = self._pool_statistics(grid, r, [m.metadata.src_node_id for m in ok])
         entry = {"round": r, "clients": len(msgs), "replied": len(ok), "failed": failed,
                  "bytes_sent": nbytes(self.arrays) * len(msgs), "bytes_received": nbytes(self.arrays) * len(ok),
                  "client_figures": [_figures(m) for m in ok], **clients}  # fmt: skip
         if self.evaluate is not None:
             entry["loss"], entry["accuracy"] = self.evaluate(self.arrays)
+        if averaged is not None:  # the same weights with the clients' own running statistics averaged
+            entry["accuracy_averaged_statistics"] = averaged[1]
         entry["seconds"] = time.perf_counter() - t0
         self.round = r
         self.history.append(entry)
@@ -137,6 +141,7 @@ class FleetServer:
         )
         msgs = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes]
         replies, _ = self._sort(list(grid.send_and_receive(msgs, timeout=self.cfg.round_timeout)))
+        replies.sort(key=lambda m: nodes.index(m.metadata.src_node_id))  # the train replies' fixed order
         figures = [dict(m.content["metrics"]) for m in replies]
         with_stats = [(m, f) for m, f in zip(replies, figures, strict=True) if "arrays" in m.content]
         if with_stats:
@@ -203,6 +208,12 @@ def _exclusive(path: Path, wait_s: float):
                     ) from None
                 time.sleep(0.5)
         yield
+
+
+def _client_order(msg) -> tuple[str, int]:
+    """Replies by client name (stable across runs; Flower's node ids are drawn anew), then node id."""
+    info = msg.content["info"] if "info" in msg.content else {}
+    return str(info.get("name", "")), msg.metadata.src_node_id
 
 
 def _figures(msg) -> dict[str, Any]:

@@ -7,7 +7,9 @@ it; `ort_clients` of them train exported artifacts with onnxruntime instead of P
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +40,40 @@ def simulate(cfg: FleetConfig, clients: int, devices: list[str], out: str, eval_
     for d in devices:
         get_device(d)  # an unknown profile is one line here, not a failed actor later
     quiet_env()
+    nodes = {pid: {"artifacts": ort_artifacts} for pid in range(clients - ort_clients, clients)}
+    # A fresh process for each run: a second run_simulation in one process hung (Ray's state
+    # outlives the first), and the caller's process keeps no Ray workers.
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_run, args=(cfg, clients, devices, out, eval_data, nodes, cpus_per_client, verbose))
+    child.start()
+    child.join()
+    from edgetrain.fleet.apps import raise_recorded
+
+    raise_recorded(out)
+    report = Path(out) / "report.json"
+    if child.exitcode != 0 and not report.is_file():
+        raise ConfigError(f"the simulation failed (exit {child.exitcode}): run again with --verbose to see why")
+    if not report.is_file():
+        raise ConfigError(f"the simulation ended without a report in {out}: run again with --verbose to see why")
+    return json.loads(report.read_text())
+
+
+def _run(cfg: FleetConfig, clients: int, devices: list[str], out: str, eval_data: str | None, nodes: dict,
+         cpus_per_client: float, verbose: bool) -> None:  # fmt: skip
+    """In the child process: Flower's simulation engine over the fleet's apps."""
     import logging
 
     from flwr.simulation import run_simulation
 
-    from edgetrain.fleet.apps import make_client_app, make_server_app, raise_recorded
+    from edgetrain.fleet.apps import make_client_app, make_server_app
 
-    nodes = {pid: {"artifacts": ort_artifacts} for pid in range(clients - ort_clients, clients)}
+    quiet_env()
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore")
     run_simulation(
         make_server_app(cfg, out, eval_data, wait_s=60.0), make_client_app(devices, nodes), clients,
         backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
                         "init_args": {"logging_level": "error", "log_to_driver": verbose}},
         verbose_logging=verbose,
     )  # fmt: skip
-    raise_recorded(out)
-    report = Path(out) / "report.json"
-    if not report.is_file():
-        raise ConfigError(f"the simulation ended without a report in {out}: run again with --verbose to see why")
-    return json.loads(report.read_text())

@@ -20,7 +20,7 @@ from torch import nn
 from edgetrain.core.step import make_optimizer, register_loss_term, train_step
 from edgetrain.errors import ConfigError, EdgeOOMError
 from edgetrain.export.onnx import trainable_names
-from edgetrain.fleet.wire import FleetConfig, MismatchError, check_match, from_wire, shapes_of, to_wire
+from edgetrain.fleet.wire import STATS, FleetConfig, MismatchError, check_match, from_wire, shapes_of, to_wire
 from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
 from edgetrain.models import create_model
 from edgetrain.planning import Plan, apply_plan_, plan_for
@@ -28,7 +28,6 @@ from edgetrain.train.calibrate import resolve_profile
 from edgetrain.train.evaluate import recalibrate_bn_
 
 PROX = "fedprox"
-STATS = (".running_mean", ".running_var")
 _PLANS: dict[tuple, dict] = {}  # (model, device, batch, trainable, allow) -> plan: planned once per process
 
 

@@ -119,6 +119,7 @@ def check_match(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, 
 
 
 MEAN, VAR = ".running_mean", ".running_var"
+STATS = (MEAN, VAR)  # BatchNorm statistics: on the wire, pooled, never trained
 
 
 def to_wire(named: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
