@@ -111,7 +111,13 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="edgetrain-fleet-bench-"))
     lines = ["# bench/fleet.py: fleets on Flower's simulation engine and DDP, 2-core CPU host", ""]
     print("federated runs (8 clients, 10 rounds x 2 local epochs):", flush=True)
-    fed = federated(tmp)
+    saved = HERE / "out" / "fleet_federated.json"
+    if "--reuse" in sys.argv and saved.is_file():  # the federated runs of an earlier bench run
+        fed = json.loads(saved.read_text())
+    else:
+        fed = federated(tmp)
+        saved.parent.mkdir(exist_ok=True)
+        saved.write_text(json.dumps(fed))
     print("centralized, 20 epochs:", flush=True)
     central = centralized()
     lines += ["## 1. Test accuracy (%) by round: digits, cifar_resnet20, 8 clients, 2 local epochs a round", "",
@@ -130,7 +136,7 @@ def main() -> None:
     c95 = next((r for r, a in central if a >= 0.95 and r > 0), None)
     lines.append("| centralized, same data in one place | " + " | ".join(f"{100 * cacc[r]:.1f}" for r in range(0, 11, 2))
                  + f" | {100 * central[-1][1]:.1f} | - | {c95 or '> 10'} |")  # fmt: skip
-    plot_accuracy(curves, HERE / "fleet_accuracy.png", FleetConfig(partition="label:2 / dirichlet / iid"))
+    plot_accuracy(curves, HERE / "fleet_accuracy.png", "digits, cifar_resnet20, 8 clients vs one place")
     lines += ["", "The server evaluates each round's averaged weights twice: with BatchNorm statistics of those weights",
               "pooled from the clients' data (what the fleet keeps), and with the running statistics the clients",
               "kept while training, pooled the same way (the last column but one).", "", "Plot: bench/fleet_accuracy.png.", "", "## 2. Bytes a client sends each round (and receives)", "",

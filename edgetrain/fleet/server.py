@@ -184,7 +184,8 @@ class FleetServer:
                   "bytes_per_round": nbytes(self.arrays), "model": str(self.out / "global.npz")}  # fmt: skip
         _atomic(self.out / "report.json", json.dumps(report, indent=1).encode())
         if len(accs) > 1:
-            plot_accuracy({"federated": accs}, self.out / "accuracy.png", self.cfg)
+            title = f"{self.cfg.model}, {self.cfg.strategy}, partition {self.cfg.partition}"
+            plot_accuracy({"federated": accs}, self.out / "accuracy.png", title)
         return report
 
 
@@ -231,20 +232,21 @@ def _reason(text: str) -> str:
     return lines[-1][:300] if lines else "no reason given"
 
 
-def plot_accuracy(curves: dict[str, list[tuple[int, float]]], path: Path, cfg: FleetConfig) -> Path:
+def plot_accuracy(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
+    """Test accuracy by round, one line per curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.6, 3.6), dpi=120)
     for label, pts in curves.items():
         ax.plot([r for r, _ in pts], [100 * a for _, a in pts], marker="o", ms=3, label=label)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{cfg.model}, {cfg.strategy}, partition {cfg.partition}")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: no curve hidden
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
