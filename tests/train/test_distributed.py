@@ -28,16 +28,16 @@ def ddp_test_net(num_classes: int = 10) -> nn.Module:
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))  # fmt: skip
 
 
-def _cfg(out, **kw) -> FitConfig:
-    return FitConfig(device="cpu", model="ddp_test_net", batch_size=32, input_size=16, epochs=1, max_steps=6,
+def _cfg(out, model: str = "ddp_test_net", **kw) -> FitConfig:
+    return FitConfig(device="cpu", model=model, batch_size=32, input_size=16, epochs=1, max_steps=6,
                      ckpt_every=3, out=str(out), quiet=True, **kw)  # fmt: skip
 
 
-def _rank(rank: int, port: int, out: str, methods: list[str]) -> None:
+def _rank(rank: int, port: int, out: str, methods: list[str], model: str = "ddp_test_net") -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    fit(_cfg(out, methods=methods))
+    fit(_cfg(out, methods=methods, model=model))
 
 
 def _free_port() -> int:
@@ -65,6 +65,20 @@ def test_two_processes_at_half_the_batch_take_the_same_steps_as_one(tmp_path, me
 def _losses(run) -> list[float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize(
+    "model, methods",
+    [("cifar_resnet8", ["checkpoint"]), ("cifar_resnet8", ["compress:bits=8"]), ("cifar_resnet20", ["reversible"])],
+)
+def test_checkpointing_compression_and_reversible_blocks_train_under_ddp(tmp_path, model, methods):
+    """Their custom backward runs inside DDP's hooks: every parameter's gradient is reduced each
+    step (DDP raises on the next step otherwise), the ranks finish in step, and rank 0 writes the
+    run (BatchNorm here: per-rank statistics, so no equality with one process)."""
+    mp.spawn(_rank, args=(_free_port(), str(tmp_path), methods, model), nprocs=2, join=True)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["steps"] == 6 and report["methods"] == methods
+    assert all(torch.isfinite(v).all() for v in torch.load(tmp_path / "model.pt").values() if v.is_floating_point())
 
 
 def test_a_method_ddp_cannot_follow_is_refused_in_one_line(tmp_path, capsys):
