@@ -67,10 +67,13 @@ def _show(report: dict[str, Any], as_json: bool) -> None:
         table(
             f"round {report['rounds']}: clients", ["client", "device", "plan", "peak MiB", "budget MiB", "loss"], rows
         )
-    acc = report.get("final_accuracy")
-    print(f"{report['rounds']} rounds; test accuracy {acc:.2%}" if acc is not None else f"{report['rounds']} rounds",
-          f"(95 % at round {report['rounds_to_95']})" if report.get("rounds_to_95") else "",
-          f"; {report['bytes_per_round'] / 2**20:.2f} MiB a client each way a round; weights in {report['model']}")  # fmt: skip
+    acc, r95 = report.get("final_accuracy"), report.get("rounds_to_95")
+    line = f"{report['rounds']} rounds"
+    line += f"; test accuracy {acc:.2%}" if acc is not None else ""
+    line += f" (95 % first at round {r95})" if r95 else ""
+    print(
+        f"{line}; {report['bytes_per_round'] / 2**20:.2f} MiB a client each way a round; weights in {report['model']}"
+    )
 
 
 class Fleet(Verb):

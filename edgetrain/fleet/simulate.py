@@ -69,7 +69,7 @@ def _run(cfg: FleetConfig, clients: int, devices: list[str], out: str, eval_data
 
     quiet_env()
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("flwr").setLevel(logging.ERROR)  # not its deprecation notices nor sampling lines
         warnings.filterwarnings("ignore")
     run_simulation(
         make_server_app(cfg, out, eval_data, wait_s=60.0), make_client_app(devices, nodes), clients,
