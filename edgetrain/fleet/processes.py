@@ -121,6 +121,7 @@ def serve(cfg: FleetConfig, out: str, host: str = "127.0.0.1", port: int = 9092,
     run_config = {**cfg.to_record(), "out": str(root), "eval-data": eval_data or "", "wait": wait_s}
     app = write_app(root / "app", run_config)
     env = _env(home)
+    run: subprocess.Popen | None = None
     link = _start([_tool("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
                    "--disable-runtime-dependency-installation"], root / "superlink.log", env)  # fmt: skip
     try:
@@ -130,7 +131,7 @@ def serve(cfg: FleetConfig, out: str, host: str = "127.0.0.1", port: int = 9092,
                        None if echo else subprocess.DEVNULL)  # fmt: skip
         _wait_for_report(root, run, link)
     finally:
-        for p in (link, locals().get("run")):
+        for p in (link, run):
             if p is not None and p.poll() is None:
                 p.terminate()
                 try:
