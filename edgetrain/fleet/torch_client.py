@@ -28,7 +28,7 @@ from edgetrain.train.calibrate import resolve_profile
 from edgetrain.train.evaluate import recalibrate_bn_
 
 PROX = "fedprox"
-_PLANS: dict[tuple, dict] = {}  # (model, device, batch, trainable, allow) -> plan: planned once per process
+_PLANS: dict[tuple, dict] = {}  # (model, device, batch, trainable, allow, size, optimizer) -> plan, once a process
 
 
 def _proximal(model: nn.Module) -> torch.Tensor:
@@ -121,7 +121,7 @@ class TorchClient:
 
     def _plan(self) -> Plan:
         cfg = self.cfg
-        key = (cfg.model, self.profile.name, cfg.batch_size, cfg.trainable, cfg.allow, cfg.input_size)
+        key = (cfg.model, self.profile.name, cfg.batch_size, cfg.trainable, cfg.allow, cfg.input_size, cfg.optimizer)
         if key not in _PLANS:
             plan = plan_for(self.model, (3, cfg.input_size, cfg.input_size), cfg.batch_size, self.profile,
                             cfg.optimizer, name=cfg.model, num_classes=cfg.num_classes, allow=cfg.allow)  # fmt: skip
