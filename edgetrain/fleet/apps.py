@@ -21,9 +21,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from edgetrain.errors import EdgetrainError
 from edgetrain.fleet.data import client_data
-from edgetrain.fleet.wire import REASON, FleetConfig, pack, unpack
+from edgetrain.fleet.wire import REASON, REFUSED, FleetConfig, pack, unpack
 
-CLIENT_REFUSED = 100  # Flower error code of a client that refuses a message (edgetrain's one line follows)
 _CLIENTS: dict[tuple, Any] = {}  # one client object per (config, node) in a process: plan and data kept
 
 
@@ -61,7 +60,7 @@ def _refused(msg: Message, err: EdgetrainError) -> Message:
     from flwr.app import Error
 
     print(f"edgetrain fleet: {err}", file=sys.stderr, flush=True)
-    return Message(Error(code=CLIENT_REFUSED, reason=f"{REASON}{err}"), reply_to=msg)
+    return Message(Error(code=REFUSED + err.exit_code, reason=f"{REASON}{err}"), reply_to=msg)
 
 
 def handle_train(msg: Message, context: Context, devices: list[str], nodes: dict | None = None) -> Message:
@@ -116,10 +115,9 @@ def make_server_app(cfg: FleetConfig | None = None, out: str | None = None, eval
     def main(grid: Grid, context: Context) -> None:
         run = dict(context.run_config)
         c = cfg or FleetConfig.from_record(run)
-        report = serve_rounds(grid, c, out or str(run.get("out", "fleet")),
-                              eval_data if cfg else (str(run.get("eval-data", "digits")) or None),
-                              wait_s if cfg else float(run.get("wait", wait_s)))  # fmt: skip
-        context.state["report"] = ConfigRecord({"final_accuracy": float(report["final_accuracy"] or 0.0)})
+        serve_rounds(grid, c, out or str(run.get("out", "fleet")),
+                     eval_data if cfg else (str(run.get("eval-data", "digits")) or None),
+                     wait_s if cfg else float(run.get("wait", wait_s)))  # fmt: skip
 
     return app
 

@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 
 from edgetrain.errors import ConfigError, EdgetrainError
-from edgetrain.fleet.wire import REASON, STATS, FleetConfig, MismatchError, nbytes, pack, unpack
+from edgetrain.fleet.wire import REASON, REFUSED, STATS, FleetConfig, MismatchError, nbytes, pack, unpack
 
 ROUND_TRIES = 3  # a round with too few replies is tried this often before the run stops
-MISMATCH = "does not match the server's"
 
 
 class FleetError(EdgetrainError):
@@ -160,7 +159,7 @@ class FleetServer:
                 ok.append(m)
                 continue
             reason = _reason(m.error.reason)
-            if MISMATCH in reason:
+            if m.error.code == REFUSED + MismatchError.exit_code:
                 raise MismatchError(f"client node {m.metadata.src_node_id}: {reason}")
             failed.append(f"node {m.metadata.src_node_id}: {reason}")
             self.log(f"edgetrain fleet: client node {m.metadata.src_node_id} failed: {reason}")

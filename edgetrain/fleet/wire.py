@@ -19,6 +19,7 @@ from edgetrain.levels import CHANGE_LEVELS, check_allow
 
 STRATEGIES = ("fedavg", "fedprox")
 REASON = "edgetrain: "  # how a client's refusal starts in Flower's error reply: its one line follows
+REFUSED = 100  # a refusal's Flower error code: REFUSED + the edgetrain error's exit code
 FLEET_ALLOW = "lossy"  # plans that change layer shapes would differ per client: the weights could not be averaged
 
 

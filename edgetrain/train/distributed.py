@@ -131,7 +131,8 @@ def launch(argv: list[str], nproc: int, cuda: bool) -> int:
 
 
 def default_out() -> str:
-    """The run directory every rank uses when none is given (chosen once, before the ranks start)."""
+    """runs/<date-time> (-2, -3, ... when taken): a run's directory when none is given; under
+    --nproc chosen once, before the ranks start, so that all of them use it."""
     base, k = time.strftime("runs/%Y%m%d-%H%M%S"), 2
     out = base
     while os.path.exists(out):

@@ -95,10 +95,7 @@ class Recipe:
     def __init__(self, cfg: FitConfig, resume: bool = False, asked: dict[str, Any] | None = None):
         """`asked`: the options the user gave with `resume` (they must match the run's)."""
         if not cfg.out:
-            base, k = time.strftime("runs/%Y%m%d-%H%M%S"), 2
-            cfg.out = base
-            while Path(cfg.out).exists():
-                cfg.out, k = f"{base}-{k}", k + 1
+            cfg.out = ddp.default_out()
         self.cfg, self.resume, self.asked = cfg, resume, asked or {}
         self.out = Path(cfg.out)
         self.stop_signal: int | None = None
