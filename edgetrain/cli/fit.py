@@ -51,6 +51,12 @@ class Fit(Verb):
         )
         p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
         p.add_argument("--ckpt-every", type=int, default=20, help="steps between checkpoints")
+        p.add_argument("--memory-source", default="auto", metavar="SRC",
+                       help="what is watched for memory pressure between steps: auto, meminfo (MemAvailable, within a "
+                       "container's cgroup limit), cgroup, nvml, cuda, file:PATH (a size another program writes) or "
+                       "off; when the next step would not fit, the run re-plans first")  # fmt: skip
+        p.add_argument("--keep-free", default="128MiB", metavar="SIZE",
+                       help="memory left to the rest of the system while it is watched (default 128MiB)")  # fmt: skip
         p.add_argument("--nproc", type=int, default=1, help="train in this many processes (DDP under torchrun; "
                        "--batch-size is the total, split evenly)")  # fmt: skip
         add_json(p)
@@ -58,13 +64,15 @@ class Fit(Verb):
     def run(self, args: argparse.Namespace) -> int:
         if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
             return _launch(args)
-        from edgetrain.train.recipe import RUN_OPTIONS, FitConfig, fit
+        from edgetrain.train.recipe import FitConfig, fit
+        from edgetrain.train.rundir import RUN_OPTIONS
 
         asked = {k: getattr(args, "method" if k == "methods" else k) for k in RUN_OPTIONS}
         asked = {k: v for k, v in asked.items() if v is not None}
         given = {} if args.resume else {**_from_plan(args.plan), **asked}
         cfg = FitConfig(**given, out=args.resume or args.out, ckpt_every=args.ckpt_every,
-                        skip_unused=args.skip_unused, quiet=args.json)  # fmt: skip
+                        skip_unused=args.skip_unused, quiet=args.json, memory_source=args.memory_source,
+                        keep_free=_size(args.keep_free))  # fmt: skip
         report = fit(cfg, resume=bool(args.resume), asked=asked)
         if "rank" in report:  # a rank other than 0 under --nproc: rank 0 reports for the run
             return 0
@@ -108,6 +116,16 @@ def _launch(args: argparse.Namespace) -> int:
         print(f"edgetrain fit: a rank failed (exit {code}); the last checkpoint is kept: continue with --resume "
               f"{args.resume or args.out or 'runs/last'} --nproc {args.nproc}", file=sys.stderr)  # fmt: skip
     return code
+
+
+def _size(text: str) -> int:
+    from edgetrain.devices.profile import parse_size
+    from edgetrain.errors import ConfigError, ProfileError
+
+    try:
+        return parse_size(text)
+    except ProfileError:
+        raise ConfigError(f"--keep-free must be a size like 256MiB, got {text!r}") from None
 
 
 def _cuda() -> bool:

@@ -222,7 +222,9 @@ def overheads_cache() -> Path:
     except PackageNotFoundError:
         torch_version = "none"
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgetrain"
-    key = hashlib.sha1(f"{sys.executable}|{torch_version}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{sys.executable}|{torch_version}|2".encode()).hexdigest()[
+        :12
+    ]  # 2: workspace beyond inner copies
     return base / f"overheads-{key}.json"
 
 

@@ -94,7 +94,7 @@ def device_peak_bytes(report: MemoryReport, allocator: str, workspace: int) -> i
     """Memory the device must hold for the step's tensors under `allocator`, plus workspace."""
     if allocator == "cuda-caching":
         return replay_cuda(report) + workspace
-    return report.peak_bytes + workspace
+    return max(report.peak_bytes, report.within_op_peak_bytes) + workspace  # CPU: oneDNN's inner copies too
 
 
 def pin_malloc_policy(threshold: int = MMAP_THRESHOLD) -> bool:

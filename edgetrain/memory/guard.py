@@ -53,3 +53,9 @@ class BudgetGuard(MemoryTracker):
             self.track(optimizer_state_tensors(optimizer), "optimizer")
         self.track(tensors, "inputs")
         return super().__enter__()
+
+
+def resting_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Tensor bytes a model holds between steps: parameters, buffers, gradients, optimizer state."""
+    with BudgetGuard(None, model, optimizer) as g:
+        return g.live_bytes

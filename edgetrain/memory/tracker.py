@@ -46,6 +46,8 @@ class MemoryReport:
     events: list[tuple[int, int, str]] = field(repr=False)  # (nbytes +/-, record id, phase)
     categories: list[str] = field(repr=False)  # category of each record id
     sizes: list[int] = field(repr=False)  # bytes of each record id
+    within_op_peak_bytes: int = 0  # live bytes plus what an op holds inside itself (`op_transient`), at most
+    within_op: str = "-"  # the op where that happened
 
     def timeline(self) -> tuple[list[int], dict[str, list[int]]]:
         """Live bytes by category after every event: (event index, {category: bytes})."""
@@ -97,6 +99,7 @@ class MemoryTracker(TorchDispatchMode):
         self.live_bytes = 0
         self._peak = (0, 0)  # (bytes, event index)
         self._saved_max = 0  # most activation bytes held at the end of a forward pass
+        self._within = (0, "-")  # (live + an op's inner transient, op) at most
 
     # --- counting -------------------------------------------------------------------------
     def _size(self, storage: torch.UntypedStorage) -> int:
@@ -149,6 +152,9 @@ class MemoryTracker(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._add(t, "temporaries")
+        inner = op_transient(func, args, out)
+        if inner and self.live_bytes + inner > self._within[0]:
+            self._within = (self.live_bytes + inner, self._op)
         return out
 
     # --- labelling --------------------------------------------------------------------------
@@ -193,10 +199,37 @@ class MemoryTracker(TorchDispatchMode):
         op = self._records[self._events[at][1]].op if self._events else "-"
         saved = self._saved_max
         sizes = [r.nbytes for r in self._records]
-        return MemoryReport(peak, phase, op, by_cat, saved, list(self._events), cats, sizes)
+        within = max(self._within[0], peak)
+        return MemoryReport(peak, phase, op, by_cat, saved, list(self._events), cats, sizes, within,
+                            self._within[1] if self._within[0] > peak else op)  # fmt: skip
 
 
 def _is_fake(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
     return isinstance(t, FakeTensor)
+
+
+_CONV, _CONV_BACKWARD = torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default
+_BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
+
+
+def op_transient(func, args: tuple, out) -> int:
+    """Bytes an op holds inside itself, beyond its outputs, while it runs on a CPU: oneDNN copies
+    a convolution's operands into its blocked layout: the larger of input and output forward;
+    backward, the input and output gradient (depthwise), or the input and the larger of input and
+    output gradient (a strided convolution's input gradient is reordered too); BatchNorm's backward holds one input-sized buffer (measured against the CPU allocator with
+    torch.profiler: bench/memory_grid.py --kinds; tests/memory/test_tracker.py). No tensor holds
+    them, so the tracker cannot see them; the CPU allocator model adds them (memory/allocator.py)."""
+    if func is _CONV:
+        return max(_nbytes(args[0]), _nbytes(out))
+    if func is _CONV_BACKWARD:
+        go, x, groups = _nbytes(args[0]), _nbytes(args[1]), args[-2]
+        return x + go if groups > 1 else x + max(x, go)  # a strided conv's input gradient is reordered too
+    if func is _BN_BACKWARD:
+        return _nbytes(args[1])
+    return 0
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0

@@ -106,11 +106,13 @@ class Planner:
         self.inside = {r.name: [u for u in self.table.units if u.parent == r.name] for r in self.top}
         self.by_name = {u.name: u for u in self.table.units}
         self.total_saved = sum(u.saved[None] for u in self.top) or 1
-        # the device level over the tensor level (allocator rounding and fragmentation), from plain
+        # the device level over the tensor level, from plain: CUDA's rounding and fragmentation grow
+        # with the tensors (a ratio); a CPU's ops' inner copies are one op's operands (bytes on top)
         self.workspace = profile.workspace_bytes
-        self.device_ratio = max(
-            1.0, (plain.predicted.peak_device_bytes - self.workspace) / plain.predicted.peak_total_bytes
-        )
+        over = plain.predicted.peak_device_bytes - self.workspace
+        cuda = profile.allocator == "cuda-caching"
+        self.device_ratio = max(1.0, over / plain.predicted.peak_total_bytes) if cuda else 1.0
+        self.device_extra = 0 if cuda else max(0, over - plain.predicted.peak_total_bytes)
         self.has_bn = has_batchnorm(model)
         self._least: dict[StepWide, int] = {}  # least_fixed by setting (this table's)
 
@@ -183,10 +185,10 @@ class Planner:
         return self.device_bytes(self.least_fixed(g) + max(0, self.table.acts[option]) // g.divisor)
 
     def device_bytes(self, tensor_bytes: int) -> int:
-        return int(tensor_bytes * self.device_ratio) + self.workspace
+        return int(tensor_bytes * self.device_ratio) + self.device_extra + self.workspace
 
     def tensor_bytes(self, device_bytes: int) -> int:
-        return int((device_bytes - self.workspace) / self.device_ratio)
+        return int((device_bytes - self.workspace - self.device_extra) / self.device_ratio)
 
     def global_cost(self, g: StepWide) -> tuple[float, float]:
         """(cost, time factor) of a step-wide setting."""

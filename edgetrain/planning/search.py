@@ -195,10 +195,13 @@ def _undominated(found: list[tuple[float, StepWide, tuple]]) -> list[tuple[float
     return keep
 
 
+VERIFY_TRIES = 5  # the linear model errs most where a peak moves into backward (recompute, ops' inner copies)
+
+
 def _verify(planner: Planner, g: StepWide, got: tuple, budget: int, exact) -> tuple[Choices, Estimate, float] | None:
-    """Exact estimate of the plan; on overshoot solve again with the overshoot taken off (3 tries)."""
+    """Exact estimate of the plan; on overshoot solve again with the overshoot taken off (VERIFY_TRIES)."""
     target = budget
-    for _ in range(3):
+    for _ in range(VERIFY_TRIES):
         chosen, _, factor = got
         cand = planner.to_choices(g, chosen)
         est = exact(cand)

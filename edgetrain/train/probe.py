@@ -45,6 +45,7 @@ def _main(req: dict[str, Any]) -> dict[str, Any]:
     report = step(model, spec, fake=False, inplace=True, budget_bytes=req.get("budget"))
     out = {
         "peak_total_bytes": report.peak_bytes,
+        "within_op_peak_bytes": report.within_op_peak_bytes,  # with oneDNN's inner copies (memory/tracker.py)
         "saved_activation_bytes": report.saved_activation_bytes,
         "framework_bytes": framework,
         "peak_rss_bytes": peak_rss_bytes(),

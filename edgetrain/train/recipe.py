@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import random
 import signal
 import statistics
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from edgetrain.core.step import make_optimizer, train_step
-from edgetrain.errors import ConfigError, EdgeOOMError, EdgetrainError
+from edgetrain.errors import BudgetError, ConfigError, EdgeOOMError, EdgetrainError
 from edgetrain.levels import DEFAULT_ALLOW, check_allow
 from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
 from edgetrain.memory.predict import check_input_size
@@ -41,7 +40,10 @@ from edgetrain.train.calibrate import resolve_profile
 from edgetrain.train.data import augment, load_data
 from edgetrain.train.evaluate import Evaluation, precise_bn_sample, recalibrate_bn_
 from edgetrain.train.evaluate import evaluate as evaluate_model
+from edgetrain.train.pressure import KEEP_FREE, Replanning, replan
+from edgetrain.train.rundir import check_new_run_dir, check_plan_file, check_resume_asks, point_last_at
 
+PER_INVOCATION = ("out", "quiet", "max_steps", "memory_source", "keep_free")  # a resumed run takes these anew
 GUARDED_STEPS = 2  # steps watched by the budget guard after each (re)plan
 MAX_RECOVERIES = 3  # divergences a run recovers from (back to the last checkpoint, lr halved)
 
@@ -66,6 +68,8 @@ class FitConfig:
     ckpt_every: int = 20  # steps between checkpoints (and at every epoch end)
     max_steps: int = 0  # stop after this many steps (0: all epochs); for tests and smoke runs
     skip_unused: bool = False  # a forced method with no eligible layer is dropped (with a line), not refused
+    memory_source: str = "auto"  # what is watched for memory pressure (memory/available.py SOURCES)
+    keep_free: int = KEEP_FREE  # bytes left to the rest of the system while memory is watched
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -73,6 +77,8 @@ class FitConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
         check_allow(self.allow)
+        if self.keep_free < 0:
+            raise ConfigError(f"--keep-free must be a size of 0 or more, got {self.keep_free}")
         if self.lr is None:
             self.lr = default_lr(self.optimizer, self.batch_size)
         if not self.lr > 0 or not math.isfinite(self.lr):
@@ -89,7 +95,7 @@ class Diverged(EdgetrainError):
     exit_code = 4
 
 
-class Recipe:
+class Recipe(Replanning):
     """One training run. `run()` = setup, train, cleanup; state lives in the run directory."""
 
     def __init__(self, cfg: FitConfig, resume: bool = False, asked: dict[str, Any] | None = None):
@@ -108,13 +114,11 @@ class Recipe:
         self.dev = ddp.start(self.world, self.profile.kind != "cpu" and torch.cuda.is_available())
         state = ckpt.load(self.out / "checkpoint.pt") if self.resume else None
         if state is None:
-            _check_new_run_dir(self.out)
-            _check_plan_file(cfg)
+            check_new_run_dir(self.out)
+            check_plan_file(cfg)
         else:
-            _check_resume_asks(state["config"], self.asked, self.out)
-            self.cfg = cfg = FitConfig(
-                **{**state["config"], "out": cfg.out, "quiet": cfg.quiet, "max_steps": cfg.max_steps}
-            )
+            check_resume_asks(state["config"], self.asked, self.out)
+            self.cfg = cfg = FitConfig(**{**state["config"], **{k: getattr(cfg, k) for k in PER_INVOCATION}})
         ddp.barrier(self.world)  # every rank has checked the directory before rank 0 writes to it
         _seed_everything(cfg.seed)
         self.data = load_data(cfg.data, cfg.input_size, cfg.seed)
@@ -131,11 +135,13 @@ class Recipe:
         self.measured_peak = None
         self.recoveries = 0
         self.bn_sample = precise_bn_sample(self.data.train, cfg.seed)
+        self.base_plan, self.replans, self.pressure_budget = self.plan, [], None
+        self.watch = self._open_watch()
         if state is not None:
             self._restore(state)
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.resume and self.world.main:
-            _point_last_at(self.out)
+            point_last_at(self.out)
             self.save_checkpoint()  # step 0: a divergence in the first steps has somewhere to go back to
             self.plan.save(self.out / "plan.yaml")  # after the checkpoint: the directory is a run now
         self._name_skipped()
@@ -205,8 +211,12 @@ class Recipe:
             c = plan.choices  # (decomposing random weights gives nothing, and takes minutes on vgg's 25088x4096)
             layers = {n: k.for_shapes() if k.structural else k for n, k in c.layers.items()}
             plan = dataclasses.replace(plan, choices=Choices(c.methods, layers, c.shapes))
-        self.settings = apply_plan_(self.model, plan)
-        self.scaler = torch.amp.GradScaler(self.dev.type) if self.settings.precision == "fp16" else None
+        self._settle(apply_plan_(self.model, plan))
+
+    def _settle(self, settings) -> None:
+        """Take a plan's step settings; the next steps run under the budget guard."""
+        self.settings = settings
+        self.scaler = torch.amp.GradScaler(self.dev.type) if settings.precision == "fp16" else None
         # on the device itself real OOMs guard the run; elsewhere the guard plays the device
         self.guarded = GUARDED_STEPS if self.dev.type == "cpu" else 0
 
@@ -227,6 +237,7 @@ class Recipe:
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self.epoch_gen_state = self.train_loader.generator.get_state()
+                self._plan_up(bar)
                 self.save_checkpoint()
 
     def _train_epoch(self, bar: Progress) -> None:
@@ -235,6 +246,7 @@ class Recipe:
             if i < self.step_in_epoch:
                 continue  # resumed mid-epoch: same order, skip what was done
             x = augment(x, self.aug_gen, flip=self.cfg.data != "digits")  # the whole batch: every rank draws alike
+            self._watch_memory(bar)
             loss = self._step(ddp.shard(x, self.world).to(self.dev, non_blocking=True),
                               ddp.shard(y, self.world).to(self.dev, non_blocking=True))  # fmt: skip
             self._check_divergence(loss)
@@ -266,9 +278,9 @@ class Recipe:
         if self.recoveries > MAX_RECOVERIES:
             raise Diverged(f"{err} after {MAX_RECOVERIES} recoveries with the learning rate halved each time: "
                            f"start again with a lower --lr (now {self.cfg.lr:g})") from None  # fmt: skip
-        recoveries, peak = self.recoveries, self.measured_peak
-        self._restore(ckpt.load(self.out / "checkpoint.pt"))
-        self.recoveries = recoveries
+        recoveries, peak, replans, pressure = self.recoveries, self.measured_peak, self.replans, self.pressure_budget
+        self._restore(ckpt.load(self.out / "checkpoint.pt"))  # weights and state; the plan now active stays
+        self.recoveries, self.replans, self.pressure_budget = recoveries, replans, pressure
         self.measured_peak = self.measured_peak or peak  # a checkpoint from before the guarded steps has none
         self.cfg.lr /= 2
         for g in self.opt.param_groups:  # OneCycleLR reads its schedule from these
@@ -310,7 +322,9 @@ class Recipe:
         return x[:32]
 
     def _tensor_budget(self) -> int:
-        return tensor_budget(self.profile)
+        """The device's, or less while memory pressure holds the run to a smaller budget."""
+        b = tensor_budget(self.profile)
+        return b if self.pressure_budget is None else min(b, self.pressure_budget - self.profile.workspace_bytes)
 
     def _replan(self, err: Exception) -> None:
         """Out of memory: plan again for 80% of the budget, apply, retry the same batch."""
@@ -318,21 +332,14 @@ class Recipe:
             raise EdgeOOMError(f"{err}; with --nproc, plan for the device first (`edgetrain plan`) and pass --plan")
         self.opt.zero_grad(set_to_none=True)
         tighter = int(self._tensor_budget() * 0.8)
-        old = self.plan
-        fresh = create_model(self.cfg.model, len(self.data.classes))  # plan on the model as built, not as applied
-        model, self.model = self.model, fresh
         try:
-            new = self._plan([spec_of(c) for c in old.choices.methods if c.structural], budget_bytes=tighter)
-        finally:
-            self.model = model
-        if new.summary() == old.summary():
+            new = replan(self, tighter)
+        except BudgetError:
+            raise err from None
+        if new.summary() == self.plan.summary():
             raise err
-        self.plan = new
-        self._apply(new)
-        self.net = self.model
-        new.save(self.out / "plan.yaml")
-        print(f"edgetrain fit: out of memory ({err}); re-planned for {tighter / 2**20:.0f} MiB: "
-              f"{old.summary()} -> {new.summary()}", flush=True)  # fmt: skip
+        self._switch(new, f"out of memory ({err}); re-planned for {tighter / 2**20:.0f} MiB", tighter)
+        self.base_plan = new  # the first plan did not fit: memory coming back does not bring it back
 
     def evaluate(self) -> Evaluation:
         """Test figures with BatchNorm statistics re-estimated for the current weights."""
@@ -356,6 +363,8 @@ class Recipe:
             "rng": (torch.get_rng_state(), np.random.get_state(), random.getstate()),
             "classes": self.data.classes, "input_shape": self.data.input_shape, "recoveries": self.recoveries,
             "measured_peak": self.measured_peak, "step_times": self.step_times,
+            "base_plan": self.base_plan.to_dict(), "replans": self.replans, "pressure_budget": self.pressure_budget,
+            "memory_log": self.watch.log if self.watch else [],
         }  # fmt: skip
         return ckpt.save(state, self.out / "checkpoint.pt")
 
@@ -372,6 +381,10 @@ class Recipe:
         self.history, self.epoch_gen_state = state["history"], state["epoch_gen_state"]
         self.recoveries = state.get("recoveries", 0)
         self.measured_peak, self.step_times = state.get("measured_peak"), state.get("step_times", [])
+        self.base_plan = Plan.from_dict(state["base_plan"], "checkpoint") if "base_plan" in state else self.plan
+        self.replans, self.pressure_budget = state.get("replans", []), state.get("pressure_budget")
+        if self.watch is not None:
+            self.watch.log = state.get("memory_log", [])
         self.aug_gen.set_state(state["aug_gen_state"])
         torch.set_rng_state(state["rng"][0])
         np.random.set_state(state["rng"][1])
@@ -418,55 +431,6 @@ def fit(
     return Recipe(cfg or FitConfig(**kwargs), resume=resume, asked=asked).run()
 
 
-RUN_OPTIONS = ("device", "model", "data", "epochs", "batch_size", "input_size", "lr", "optimizer", "seed",
-               "methods", "plan", "init", "prefer", "allow")  # fmt: skip
-# what a plan must match (its device may differ: a plan made for a smaller budget is reused elsewhere)
-PLAN_RECORDS = {"model": "model", "batch_size": "batch_size", "input_size": "input_shape", "optimizer": "optimizer"}
-
-
-def _check_resume_asks(saved: dict[str, Any], asked: dict[str, Any], out: Path) -> None:
-    """`--resume` continues a run as it was started: an option that would change it is refused."""
-    for key, value in asked.items():
-        if key in RUN_OPTIONS and value is not None and value != saved.get(key) and value != []:
-            flag = "--" + ("method" if key == "methods" else key.replace("_", "-"))
-            raise ConfigError(
-                f"--resume continues {out} as it was started ({flag} {_shown(saved.get(key))}); it cannot change "
-                f"{flag} to {_shown(value)}: drop {flag}, or train further in a new run with --init {out}/model.pt"
-            )
-
-
-def _shown(v: Any) -> str:
-    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
-
-
-def _check_new_run_dir(out: Path) -> None:
-    """A new run goes into a new or empty directory; one holding a run is resumed, not overwritten,
-    and one holding other files (the user's own plan.yaml, report.json) is left alone."""
-    if out.joinpath("checkpoint.pt").exists():
-        raise ConfigError(f"{out} already holds a run: use --resume {out} or another --out")
-    if out.is_dir() and (files := sorted(p.name for p in out.iterdir())):
-        raise ConfigError(f"--out {out} is not empty ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) "
-                          "and holds no run: give a new or empty directory")  # fmt: skip
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file: give a directory")
-
-
-def _check_plan_file(cfg: FitConfig) -> None:
-    """A plan is made for one model, batch, input size and optimizer: refuse another."""
-    if not cfg.plan:
-        return
-    plan = Plan.load(cfg.plan)
-    for key, field_ in PLAN_RECORDS.items():
-        recorded = getattr(plan.request, field_)
-        recorded = recorded[-1] if field_ == "input_shape" else recorded
-        if recorded is not None and recorded != getattr(cfg, key):
-            flag = "--" + key.replace("_", "-")
-            raise ConfigError(
-                f"plan {cfg.plan} was made for {flag} {recorded}, this run has {getattr(cfg, key)}: train with "
-                f"the plan's ({flag} {recorded}), or make a plan for this run with `edgetrain plan`"
-            )
-
-
 def default_lr(optimizer: str, batch_size: int) -> float:
     """Peak learning rate of the one-cycle schedule: SGD 0.1 per 256 images (the linear scaling
     rule of Goyal et al. 2017), AdamW 1e-3. Measured on the sample photos (bench/recipe.py),
@@ -479,17 +443,6 @@ def _state_plan(state: dict[str, Any], model: str) -> Plan:
     if "plan" in state:
         return Plan.from_dict(state["plan"], "checkpoint")
     return Plan(PlanRequest(model), Choices([str(m) for m in state.get("methods", [])]))
-
-
-def _point_last_at(run: Path) -> None:
-    """`<parent>/last` -> this run (replaced atomically), so `--resume runs/last` finds it."""
-    last = run.parent / "last"
-    if run.name == "last" or (last.exists() and not last.is_symlink()):
-        return
-    tmp = run.parent / ".last.tmp"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run.name)
-    os.replace(tmp, last)
 
 
 def _seed_everything(seed: int) -> None:

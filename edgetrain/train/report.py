@@ -34,9 +34,10 @@ def write_report(recipe, ev: Evaluation) -> dict[str, Any]:
         "measured_peak_bytes": recipe.measured_peak, "budget_bytes": est.budget_bytes,
         "median_step_seconds": median_step_time(recipe.step_times), "config": vars(cfg),
         "skipped_images": len(recipe.data.skipped),  # the files: skipped_images.txt
+        "data_bytes": data_bytes(recipe.data),  # decoded once into this process (no DataLoader workers)
         "parameters": sum(p.numel() for p in recipe.model.parameters()),
         "trainable_parameters": sum(p.numel() for p in recipe.model.parameters() if p.requires_grad),
-        "lowrank": recipe.conversion,
+        "lowrank": recipe.conversion, "replans": recipe.replans, "memory_watch": _watch_summary(recipe),
     }  # fmt: skip
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in recipe.history))
     _write_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
@@ -44,7 +45,61 @@ def write_report(recipe, ev: Evaluation) -> dict[str, Any]:
     plot_curves(recipe.history, out / "curves.png", f"{cfg.model} on {cfg.data} ({recipe.plan.summary()})")
     plot_timeline(est.report, out / "memory.png", f"{cfg.model} b{cfg.batch_size} on {recipe.profile.name}",
                   est.budget_bytes, est.predicted.peak_device_bytes)  # fmt: skip
+    if recipe.watch is not None and recipe.watch.log:
+        plot_pressure(recipe.watch.log, recipe.replans, recipe.profile.usable_memory_bytes, out / "memory_run.png",
+                      f"{cfg.model} b{cfg.batch_size}: memory watched ({recipe.watch.source and recipe.watch.source.name})")  # fmt: skip
     return report
+
+
+def data_bytes(data) -> int:
+    """Bytes of the decoded training and test tensors the process holds for the whole run."""
+    return sum(t.numel() * t.element_size() for ds in (data.train, data.test) for t in ds.tensors)
+
+
+def _watch_summary(recipe) -> dict[str, Any] | None:
+    """What was watched for memory pressure, and the tightest moment."""
+    w = recipe.watch
+    if w is None or not w.log:
+        return None
+    low = min(w.log, key=lambda r: r["budget_bytes"])
+    return {"source": w.source.name if w.source else None, "keep_free_bytes": w.keep_free, "readings": len(w.log),
+            "lowest_budget_bytes": low["budget_bytes"], "lowest_at_step": low["step"], "plot": "memory_run.png"}  # fmt: skip
+
+
+def plot_pressure(log: list[dict], replans: list[dict], profile_budget: int, path: Path, title: str) -> None:
+    """The budget each step had (what was available, held and kept free), the active plan's predicted
+    peak, and every change of plan, by step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mib = 2**20
+    steps = [r["step"] for r in log]
+    peak = max(r["plan_peak_bytes"] for r in log)
+    top = max(2.5 * peak, 1.3 * min(r["budget_bytes"] for r in log)) / mib  # the plan's scale: larger budgets clip
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    ax.step(steps, [min(r["budget_bytes"] / mib, top) for r in log], where="post", color="C0",
+            label=f"budget for the next step (held + available - kept free; clipped at {top:,.0f})")  # fmt: skip
+    ax.step(steps, [r["plan_peak_bytes"] / mib for r in log], where="post", color="C1",
+            label="active plan: predicted device peak")  # fmt: skip
+    if profile_budget / mib <= top:
+        ax.axhline(
+            profile_budget / mib, color="red", lw=0.8, ls="--", label=f"profile budget {profile_budget / mib:,.0f} MiB"
+        )
+    else:
+        ax.plot([], [], " ", label=f"profile budget {profile_budget / mib:,.0f} MiB (off the scale)")
+    for i, e in enumerate(replans):
+        ax.axvline(e["step"], color="grey", lw=0.8, ls=":")
+        ax.text(e["step"], top * (0.93 - 0.07 * (i % 2)), f" -> {e['to']}", fontsize=7, color="dimgrey")
+    ax.set_ylim(0, top * 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel("MiB (device level)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:

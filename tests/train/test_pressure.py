@@ -1,0 +1,165 @@
+"""Memory pressure during `fit`: the run re-plans before a step that would not fit what is left,
+loses no step, plans up when memory comes back, and stops with a checkpoint when nothing fits.
+
+The available memory comes from a file (`--memory-source file:PATH`), written between steps by
+a wrapper around the training step: the injected source. The slow test at the end uses the
+host's real MemAvailable and a second process that takes memory while the run trains.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import edgetrain.train.recipe as recipe
+from edgetrain.devices.store import get_device
+from edgetrain.train import checkpoint as ckpt
+from edgetrain.train.pressure import MemoryGone
+from edgetrain.train.recipe import FitConfig, fit
+
+MiB = 2**20
+WS = get_device("cpu").workspace_bytes // MiB  # the profile's fixed bytes: what is left above it matters
+RUN = dict(device="cpu", model="cifar_resnet8", input_size=32, batch_size=64, keep_free=0, quiet=True)
+
+
+def _drops(monkeypatch, path: Path, schedule: dict[int, str]) -> None:
+    """Write `schedule[n]` to `path` just before the n-th training step runs (1-based)."""
+    path.write_text("10GiB")
+    real, calls = recipe.train_step, [0]
+
+    def step(*a, **k):
+        calls[0] += 1
+        if calls[0] in schedule:
+            path.write_text(schedule[calls[0]])
+        return real(*a, **k)
+
+    monkeypatch.setattr(recipe, "train_step", step)
+
+
+def test_a_drop_replans_before_the_step_no_step_is_lost_and_memory_back_plans_up(tmp_path, monkeypatch):
+    avail = tmp_path / "avail"
+    # the watch reads before each step: the 6th step sees the drop, and the first of epoch 2 the return
+    _drops(monkeypatch, avail, {5: f"{WS + 22}MiB", 12: "10GiB"})
+    r = fit(FitConfig(out=str(tmp_path / "run"), epochs=2, max_steps=30, memory_source=f"file:{avail}", **RUN))
+    down, up = r["replans"]
+    assert (down["step"], down["from"]) == (5, "plain") and down["to"] != "plain"
+    assert down["budget_bytes"] < (WS + 22) * MiB and f"available memory {WS + 22} MiB" in down["why"]
+    assert (up["step"], up["from"], up["to"]) == (23, down["to"], "plain")  # at the end of epoch 1, not before
+    # every step ran once, in order, whatever the plan
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in rows if "loss" in h] == list(range(1, 31))
+    log = json.loads((tmp_path / "run/report.json").read_text())["memory_watch"]
+    assert log["lowest_at_step"] == 5 and log["lowest_budget_bytes"] < (WS + 24) * MiB
+    assert (tmp_path / "run/memory_run.png").stat().st_size > 0
+    assert "plain" in (tmp_path / "run/plan.yaml").read_text() or r["plan"] == "plain"
+
+
+def test_the_plan_each_step_ran_under_fitted_what_was_left(tmp_path, monkeypatch):
+    avail = tmp_path / "avail"
+    _drops(monkeypatch, avail, {3: f"{WS + 22}MiB"})
+    r = fit(FitConfig(out=str(tmp_path / "run"), epochs=1, max_steps=8, memory_source=f"file:{avail}", **RUN))
+    state = ckpt.load(tmp_path / "run/checkpoint.pt")
+    after = [x for x in state["memory_log"] if x["step"] >= 3]
+    assert after and all(
+        x["plan_peak_bytes"] <= x["budget_bytes"] for x in after[1:]
+    )  # [0]: the reading that re-planned
+    # the guarded steps after the change measured the new plan's tensors under the smaller budget
+    assert r["measured_peak_bytes"] <= r["replans"][0]["budget_bytes"]
+
+
+def test_a_re_plan_to_an_exact_lever_trains_bit_for_bit_like_the_plain_run(tmp_path, monkeypatch):
+    """The switch carries the weights, the optimizer state and the schedule over exactly: with only
+    exact levers allowed, the run that re-planned to checkpointing ends with the plain run's weights."""
+    plain = fit(
+        FitConfig(out=str(tmp_path / "plain"), epochs=1, max_steps=10, memory_source="off", allow="exact", **RUN)
+    )
+    avail = tmp_path / "avail"
+    _drops(monkeypatch, avail, {4: f"{WS + 44}MiB"})  # under plain's peak, over the exact levers' lightest
+    r = fit(FitConfig(out=str(tmp_path / "run"), epochs=1, max_steps=10, memory_source=f"file:{avail}", allow="exact",
+                      **RUN))  # fmt: skip
+    assert plain["replans"] == [] and len(r["replans"]) == 1 and "checkpoint" in r["replans"][0]["to"]
+    assert {lever["level"] for lever in r["levers"]} == {"exact"}
+    a, b = torch.load(tmp_path / "plain/model.pt"), torch.load(tmp_path / "run/model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nothing_fits_what_is_left_saves_a_checkpoint_and_resume_goes_on(tmp_path, monkeypatch):
+    avail, out = tmp_path / "avail", tmp_path / "run"
+    _drops(monkeypatch, avail, {5: "8MiB"})
+    with pytest.raises(MemoryGone) as e:
+        fit(FitConfig(out=str(out), epochs=1, max_steps=9, memory_source=f"file:{avail}", **RUN))
+    line = str(e.value)
+    assert e.value.exit_code == 7 and "\n" not in line
+    assert "available memory fell to 8 MiB" in line and "smallest peak reachable" in line and f"--resume {out}" in line
+    assert ckpt.load(out / "checkpoint.pt")["step"] == 5  # the steps done are kept
+    avail.write_text("10GiB")  # memory is back
+    r = fit(FitConfig(out=str(out), memory_source=f"file:{avail}", quiet=True, max_steps=9), resume=True)
+    assert r["steps"] == 9 and r["plan"] == "plain"
+
+
+def test_a_bad_source_or_size_is_one_line(cli, tmp_path):
+    code, _, err = cli(
+        "fit", "--device", "cpu", "--memory-source", f"file:{tmp_path}/none", "--out", str(tmp_path / "r")
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "cannot be read" in err and "--memory-source auto" in err and not (tmp_path / "r").exists()
+    code, _, err = cli("fit", "--keep-free", "lots", "--out", str(tmp_path / "r"))
+    assert code == 2 and "--keep-free must be a size like 256MiB, got 'lots'" in err
+
+
+HOG = r"""
+import re, sys, time
+import numpy as np
+keep_free, ready = int(sys.argv[1]), sys.argv[2]
+avail = int(re.search(r"MemAvailable:\s+(\d+)", open("/proc/meminfo").read()).group(1)) * 1024
+n = max(0, avail - keep_free - 40 * 2**20)  # leave the run 40 MiB beyond what it holds
+held = np.ones(n // 8)  # touched: really resident
+open(ready, "w").write(str(n))
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_real_second_process_taking_memory_makes_the_run_replan_and_giving_it_back_plans_up(tmp_path):
+    """MemAvailable of this host, a run that keeps all but ~1.5 GiB of it for others (its budget
+    follows what is available), and a second process that takes nearly all of that while it trains."""
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    avail = int(open("/proc/meminfo").read().split("MemAvailable:")[1].split()[0]) * 1024
+    keep_free = avail - 1536 * MiB  # the run itself takes ~0.8 GiB of the 1.5 when it starts
+    cmd = [sys.executable, "-m", "edgetrain", "fit", "--device", "cpu", "--model", "cifar_resnet8", "-s", "48",
+           "-b", "64", "--epochs", "2", "--memory-source", "meminfo", "--keep-free", str(keep_free),
+           "--out", str(out), "--json"]  # fmt: skip
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(run.stderr), daemon=True)
+    reader.start()
+    hog = None
+    try:
+        deadline = time.time() + 180
+        while not (out / "checkpoint.pt").exists() and time.time() < deadline:  # set up, at step 0
+            time.sleep(0.2)
+        hog = subprocess.Popen([sys.executable, "-c", HOG, str(keep_free), str(ready)])
+        while not any("re-planned" in x for x in lines) and time.time() < deadline and run.poll() is None:
+            time.sleep(0.2)
+        hog.kill()  # memory comes back
+        hog.wait(10)
+        stdout = run.stdout.read()
+        run.wait(300)
+        reader.join(10)
+    finally:
+        for p in (hog, run):
+            if p is not None and p.poll() is None:
+                p.kill()
+    stderr = "".join(lines)
+    assert run.returncode == 0, stderr
+    report = json.loads(stdout)
+    kinds = [(e["from"], e["to"]) for e in report["replans"]]
+    assert kinds and kinds[0][0] == "plain" and "available memory" in report["replans"][0]["why"]
+    assert kinds[-1][1] == "plain" and report["steps"] == 2 * 23  # planned up again; every step ran
