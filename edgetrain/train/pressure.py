@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import psutil
 import torch
 
 from edgetrain.core.step import StepSettings, make_optimizer
@@ -66,6 +67,7 @@ class PressureWatch:
                  warn: Callable[[str], None]):  # fmt: skip
         self.source, self.profile_budget, self.keep_free = source, profile_budget, keep_free
         self.on_gpu, self.warn = on_gpu, warn
+        self.base: int | None = None  # RSS that is not tensors (framework, data), at the first reading
         self.log: list[dict[str, Any]] = []  # every reading, for report.json and the run's memory plot
         self.events: list[dict[str, Any]] = []  # every change of plan it caused
 
@@ -79,13 +81,21 @@ class PressureWatch:
             if not self._fall_back(e):
                 return None
             available = self.source.read()
-        held = torch.cuda.memory_reserved() if self.on_gpu else resting_bytes(model, opt)
+        held = torch.cuda.memory_reserved() if self.on_gpu else self._held_on_host(model, opt)
         budget = min(self.profile_budget, held + available - self.keep_free)
         r = Reading(step, available, held, budget, peak, plan.summary())
         self.log.append(asdict(r))
         if len(self.log) > LOG_LIMIT:  # a long run keeps every other reading: checkpoints stay small
             self.log = self.log[::2]
         return r
+
+    def _held_on_host(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+        """What the next step can reuse without asking for more: its resting tensors, and freed memory
+        the allocator kept (RSS above what is not tensors, as first read: framework, data, Python)."""
+        rest, rss = resting_bytes(model, opt), psutil.Process().memory_info().rss
+        if self.base is None:
+            self.base = rss - rest
+        return max(rest, rss - self.base)
 
     def _fall_back(self, err: SourceUnreadable) -> bool:
         """The source stopped answering mid-run: the next one of its kind (NVML -> torch's

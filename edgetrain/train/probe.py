@@ -12,7 +12,7 @@ import subprocess
 import sys
 from typing import Any
 
-from edgetrain.memory.process import peak_rss_bytes
+from edgetrain.memory.process import peak_rss_bytes, reset_peak_rss
 
 
 def _main(req: dict[str, Any]) -> dict[str, Any]:
@@ -42,6 +42,8 @@ def _main(req: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         model = model.cuda()
         torch.cuda.reset_peak_memory_stats()
+    setup = peak_rss_bytes()  # building the model and applying methods (low-rank: dense and factors at once)
+    reset_peak_rss()  # what follows is the step's own peak
     report = step(model, spec, fake=False, inplace=True, budget_bytes=req.get("budget"))
     out = {
         "peak_total_bytes": report.peak_bytes,
@@ -49,6 +51,7 @@ def _main(req: dict[str, Any]) -> dict[str, Any]:
         "saved_activation_bytes": report.saved_activation_bytes,
         "framework_bytes": framework,
         "peak_rss_bytes": peak_rss_bytes(),
+        "setup_peak_rss_bytes": setup,
     }
     if cuda:
         out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()

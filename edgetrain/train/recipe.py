@@ -27,6 +27,7 @@ import torch
 from edgetrain.core.step import make_optimizer, train_step
 from edgetrain.errors import BudgetError, ConfigError, EdgeOOMError, EdgetrainError
 from edgetrain.levels import DEFAULT_ALLOW, check_allow
+from edgetrain.memory.allocator import pin_malloc_policy
 from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
 from edgetrain.memory.predict import check_input_size
 from edgetrain.methods.base import UnusedMethod, spec_of, structural_specs, unused_methods
@@ -109,6 +110,7 @@ class Recipe(Replanning):
     # --- setup -----------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        pin_malloc_policy()  # freed activations go back to the system: the process level can be predicted
         self.profile = resolve_profile(cfg.device)
         self.world = ddp.world()
         self.dev = ddp.start(self.world, self.profile.kind != "cpu" and torch.cuda.is_available())

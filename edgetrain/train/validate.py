@@ -65,4 +65,6 @@ def host_check(req: dict[str, Any], host: Prediction) -> dict[str, Any]:
         "host_predicted_process_bytes": predicted,
         "host_measured_process_bytes": measured,
         "host_process_error": predicted / measured - 1,
+        # building the model and applying methods, before the step (its own peak; not predicted)
+        "host_measured_setup_process_bytes": meas.get("setup_peak_rss_bytes"),
     }

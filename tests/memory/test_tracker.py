@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -72,3 +73,50 @@ def test_timeline_ends_where_the_live_bytes_are():
     assert sum(v[-1] for v in series.values()) == 400
     assert max(sum(v[i] for v in series.values()) for i in range(len(rep.events))) == rep.peak_bytes == 800
     del keep
+
+
+def _allocator_peak(fn) -> int:
+    """The CPU allocator's own peak during `fn()` above what was live before (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for _, n in sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    ):
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("methods", [[], ["checkpoint"]], ids=["plain", "checkpoint"])
+@pytest.mark.parametrize("groups", [1, 48], ids=["dense", "depthwise"])
+def test_the_within_op_peak_is_the_cpu_allocators_peak(groups, methods):
+    """oneDNN copies a convolution's operands, and BatchNorm backward holds a buffer: no tensor
+    holds them, so the live-tensor peak misses them; the within-op figure matches the allocator."""
+    from torch import nn
+
+    from edgetrain.core.step import make_optimizer, train_step
+    from edgetrain.memory.guard import BudgetGuard
+    from edgetrain.methods.base import prepare
+
+    torch.manual_seed(0)
+
+    def block(stride):
+        return nn.Sequential(nn.Conv2d(48, 48, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(48),
+                             nn.ReLU6(inplace=True), nn.Conv2d(48, 48, 1, bias=False), nn.BatchNorm2d(48))  # fmt: skip
+
+    net = nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), *(block(s) for s in (1, 2, 1)), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(48, 10))  # fmt: skip
+    net, _, settings = prepare(net, methods, shapes_only=True)
+    opt = make_optimizer("sgd", net.parameters())
+    x, y = torch.randn(16, 3, 96, 96), torch.randint(0, 10, (16,))
+    train_step(net, x, y, opt, settings)
+    with BudgetGuard(None, net, opt, (x, y)) as g:
+        before = g.live_bytes
+        train_step(net, x, y, opt, settings, tracker=g)
+    rep = g.report()
+    truth = before + _allocator_peak(lambda: train_step(net, x, y, opt, settings))
+    assert rep.peak_bytes < truth  # the tensors alone miss the ops' inner copies
+    assert abs(rep.within_op_peak_bytes / truth - 1) < 0.01

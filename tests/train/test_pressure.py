@@ -117,9 +117,9 @@ def test_a_bad_source_or_size_is_one_line(cli, tmp_path):
 HOG = r"""
 import re, sys, time
 import numpy as np
-keep_free, ready = int(sys.argv[1]), sys.argv[2]
+keep_free, ready, LEFT = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 avail = int(re.search(r"MemAvailable:\s+(\d+)", open("/proc/meminfo").read()).group(1)) * 1024
-n = max(0, avail - keep_free - 40 * 2**20)  # leave the run 40 MiB beyond what it holds
+n = max(0, avail - keep_free - LEFT)  # the run keeps LEFT beyond what it holds: a smaller plan fits
 held = np.ones(n // 8)  # touched: really resident
 open(ready, "w").write(str(n))
 time.sleep(600)
@@ -127,39 +127,60 @@ time.sleep(600)
 
 
 @pytest.mark.slow
-def test_a_real_second_process_taking_memory_makes_the_run_replan_and_giving_it_back_plans_up(tmp_path):
-    """MemAvailable of this host, a run that keeps all but ~1.5 GiB of it for others (its budget
-    follows what is available), and a second process that takes nearly all of that while it trains."""
+def test_a_real_second_process_taking_memory_never_gets_the_run_killed(tmp_path):
+    """MemAvailable of this host, a run that keeps all but ~3 GiB of it for others (its budget
+    follows what is available), and a second process that takes most of the rest while it trains.
+    The run either re-plans and goes on, or (when this VM's MemAvailable swings by hundreds of MiB
+    below what any plan needs) saves a checkpoint and stops with exit 7; then, memory back,
+    `--resume` finishes it. Either way every step runs once and nothing is killed."""
     out, ready = tmp_path / "run", tmp_path / "ready"
     avail = int(open("/proc/meminfo").read().split("MemAvailable:")[1].split()[0]) * 1024
-    keep_free = avail - 1536 * MiB  # the run itself takes ~0.8 GiB of the 1.5 when it starts
-    cmd = [sys.executable, "-m", "edgetrain", "fit", "--device", "cpu", "--model", "cifar_resnet8", "-s", "48",
-           "-b", "64", "--epochs", "2", "--memory-source", "meminfo", "--keep-free", str(keep_free),
-           "--out", str(out), "--json"]  # fmt: skip
+    keep_free = str(avail - 3 * 1024 * MiB)
+    watch = ["--device", "cpu", "--memory-source", "meminfo", "--keep-free", keep_free, "--json"]
+    cmd = [sys.executable, "-m", "edgetrain.cli.main", "fit", "--model", "resnet18", "-s", "128", "-b", "64",
+           "--epochs", "2", "--ckpt-every", "1", "--out", str(out), *watch]  # fmt: skip
     run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(run.stderr), daemon=True)
     reader.start()
     hog = None
     try:
-        deadline = time.time() + 180
-        while not (out / "checkpoint.pt").exists() and time.time() < deadline:  # set up, at step 0
-            time.sleep(0.2)
-        hog = subprocess.Popen([sys.executable, "-c", HOG, str(keep_free), str(ready)])
+        deadline = time.time() + 400
+        while _steps_done(out) < 3 and time.time() < deadline and run.poll() is None:  # its footprint has settled
+            time.sleep(0.5)
+        # plain needs ~0.6 GiB at the device level; the run is left 300 MiB beyond what it holds
+        hog = subprocess.Popen([sys.executable, "-c", HOG, keep_free, str(ready), str(300 * MiB)])
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.1)
         while not any("re-planned" in x for x in lines) and time.time() < deadline and run.poll() is None:
             time.sleep(0.2)
         hog.kill()  # memory comes back
         hog.wait(10)
         stdout = run.stdout.read()
-        run.wait(300)
+        run.wait(400)
         reader.join(10)
     finally:
         for p in (hog, run):
             if p is not None and p.poll() is None:
                 p.kill()
     stderr = "".join(lines)
-    assert run.returncode == 0, stderr
+    assert run.returncode in (0, 7), stderr  # never killed (-9) nor a traceback
+    if run.returncode == 7:  # nothing fitted what was left: one line, a checkpoint, and --resume goes on
+        assert "available memory fell to" in stderr and "--resume" in stderr and len(stderr.splitlines()) <= 3
+        done = subprocess.run([sys.executable, "-m", "edgetrain.cli.main", "fit", "--resume", str(out), *watch],
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        stdout = done.stdout
     report = json.loads(stdout)
-    kinds = [(e["from"], e["to"]) for e in report["replans"]]
-    assert kinds and kinds[0][0] == "plain" and "available memory" in report["replans"][0]["why"]
-    assert kinds[-1][1] == "plain" and report["steps"] == 2 * 23  # planned up again; every step ran
+    assert report["steps"] == 2 * 23  # every step ran
+    if run.returncode == 0:
+        kinds = [(e["from"], e["to"]) for e in report["replans"]]
+        assert kinds and kinds[0][0] == "plain" and "available memory" in report["replans"][0]["why"], stderr
+        assert kinds[-1][1] == "plain", stderr  # planned up again when the memory came back
+
+
+def _steps_done(out: Path) -> int:
+    try:
+        return int(ckpt.load(out / "checkpoint.pt")["step"])
+    except Exception:  # noqa: BLE001 - not written yet, or being replaced
+        return 0
