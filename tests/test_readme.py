@@ -61,6 +61,10 @@ QUOTED = [
      FIT_BUDGET.replace(r"([\d.]+)%", r"[\d.]+%\s+[\d.]+\s+[\d.]+\s+([\d.]+)"), 0.5),
     ("fit budget: measured", r"MiB of tensors\s+predicted and ([\d.]+) MiB measured", "fit_budget.txt",
      FIT_BUDGET.replace(r"([\d.]+)%", r"[\d.]+%\s+[\d.]+\s+([\d.]+)"), 0.05),
+    ("memory grid: process error, max", r"has a median of [\d.]+ % and a maximum of ([\d.]+) %", "memory_grid.txt",
+     r"process_err: median \|error\| [\d.]+%, max \|error\| ([\d.]+)%", 0.005),
+    ("memory grid: process error, median", r"has a median of ([\d.]+) %", "memory_grid.txt",
+     r"process_err: median \|error\| ([\d.]+)%", 0.005),
 ]  # fmt: skip
 
 

@@ -117,7 +117,7 @@ def tucker2_conv(conv: nn.Conv2d, c: RankRule) -> Tucker2Conv2d:
     if conv.bias is not None:
         with torch.no_grad():
             new.last.bias.copy_(conv.bias)
-    new.conversion = {"rank": [r_out, r_in], "weight_error": _weight_error(new, conv)}
+    new.conversion = {"rank": [r_out, r_in], "weight_error": _weight_error(new, conv, c)}
     return _mark(new)
 
 
@@ -140,7 +140,7 @@ def lowrank_linear(linear: nn.Linear, c: RankRule) -> LowRankLinear:
             new.last.weight.copy_(us)
         if linear.bias is not None:
             new.last.bias.copy_(linear.bias)
-    new.conversion = {"rank": [r], "weight_error": _weight_error(new, linear)}
+    new.conversion = {"rank": [r], "weight_error": _weight_error(new, linear, c)}
     return _mark(new)
 
 
@@ -159,11 +159,15 @@ def cp_conv(conv: nn.Conv2d, c: RankRule) -> CPConv2d:
     if conv.bias is not None:
         with torch.no_grad():
             new.last.bias.copy_(conv.bias)
-    new.conversion = {"rank": [rank], "weight_error": _weight_error(new, conv)}
+    new.conversion = {"rank": [rank], "weight_error": _weight_error(new, conv, c)}
     return _mark(new)
 
 
-def _weight_error(new: nn.Module, old: nn.Module) -> float:
+def _weight_error(new: nn.Module, old: nn.Module, c: RankRule) -> float | None:
+    """How far the factors are from the weights they replace; None for fresh factors (no conversion:
+    and no dense weight built for every layer while planning, which shapes-only twins are for)."""
+    if c.init != "decompose":
+        return None
     with torch.no_grad():
         return fz.relative_error(dense_weight(new), old.weight)
 

@@ -112,8 +112,12 @@ def _balance(factors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def cp_rebuild(factors: list[torch.Tensor]) -> torch.Tensor:
+    """The (O, I, kh, kw) weight of CP factors a (O, R), b (I, R), kh (kh, R), kw (kw, R): a times
+    their Khatri-Rao product, so that nothing larger than the weight is made (a four-way einsum
+    made O·I·kh·R first: 3.5 GB on resnet18 at ratio 1/4)."""
     a, b, kh, kw = factors
-    return torch.einsum("or,ir,hr,wr->oihw", a, b, kh, kw)
+    kr = torch.einsum("ir,hr,wr->rihw", b, kh, kw)  # (R, I, kh, kw)
+    return (a @ kr.flatten(1)).view(a.shape[0], b.shape[0], kh.shape[0], kw.shape[0])
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
