@@ -56,7 +56,7 @@ class Reading:
     available_bytes: int
     held_bytes: int
     budget_bytes: int  # what the next step may reach: min(profile budget, held + available - keep_free)
-    plan_peak_bytes: int  # the active plan's predicted device peak
+    plan_peak_bytes: int | None  # the active plan's predicted device peak (None: not needed, not known)
     plan: str
 
 
@@ -72,9 +72,15 @@ class PressureWatch:
         self.events: list[dict[str, Any]] = []  # every change of plan it caused
 
     def read(
-        self, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, plan: Plan, peak: int
+        self,
+        step: int,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        plan: Plan,
+        peak: Callable[[bool], int | None],
     ) -> Reading | None:
-        """This step's reading, or None when no source can be read any more (said once)."""
+        """This step's reading, or None when no source can be read any more (said once). `peak(must)`:
+        the plan's predicted peak; estimated only when the budget is under the profile's (`must`)."""
         try:
             available = self.source.read()
         except SourceUnreadable as e:
@@ -83,7 +89,7 @@ class PressureWatch:
             available = self.source.read()
         held = torch.cuda.memory_reserved() if self.on_gpu else self._held_on_host(model, opt)
         budget = min(self.profile_budget, held + available - self.keep_free)
-        r = Reading(step, available, held, budget, peak, plan.summary())
+        r = Reading(step, available, held, budget, peak(budget < self.profile_budget), plan.summary())
         self.log.append(asdict(r))
         if len(self.log) > LOG_LIMIT:  # a long run keeps every other reading: checkpoints stay small
             self.log = self.log[::2]
@@ -148,11 +154,14 @@ def replan(recipe: Any, budget: int) -> Plan:
     return found
 
 
-def plan_peak(recipe: Any, plan: Plan) -> int:
-    """The plan's predicted device peak for the run's profile (from the plan, or estimated once)."""
+def plan_peak(recipe: Any, plan: Plan, estimate: bool = True) -> int | None:
+    """The plan's predicted device peak for the run's profile: from the plan, or estimated once
+    (a fake step); None when unknown and not `estimate`."""
     same_step = plan.request.batch_size == recipe.rank_batch and plan.request.device == recipe.profile.name
     if plan.predicted is not None and same_step:
         return plan.predicted.peak_device_bytes
+    if not estimate:
+        return None
     cfg, data = recipe.cfg, recipe.data
     request = PlanRequest(cfg.model, data.input_shape, recipe.rank_batch, cfg.optimizer, recipe.profile.name)
     est = estimate_plan(create_model(cfg.model, len(data.classes)), plan, request, recipe.profile, len(data.classes))
@@ -210,10 +219,10 @@ class Replanning:
         """Before a step: when the active plan would not fit what is left, re-plan first."""
         if self.watch is None or not self.watch.active:
             return
-        peak = plan_peak(self, self.plan)
-        r = self.watch.read(self.step, self.model, self.opt, self.plan, peak)
-        if r is None or peak <= r.budget_bytes:
-            return
+        r = self.watch.read(self.step, self.model, self.opt, self.plan, lambda must: plan_peak(self, self.plan, must))
+        if r is None or r.plan_peak_bytes is None or r.plan_peak_bytes <= r.budget_bytes:
+            return  # None: the budget is the profile's, which the plan was made for (the guard checks)
+        peak = r.plan_peak_bytes
         target = int(r.budget_bytes * HEADROOM)
         try:
             new = replan(self, target)
@@ -231,7 +240,7 @@ class Replanning:
         if self.watch is None or not self.watch.active or self.plan.summary() == self.base_plan.summary():
             return
         want = plan_peak(self, self.base_plan)
-        r = self.watch.read(self.step, self.model, self.opt, self.plan, plan_peak(self, self.plan))
+        r = self.watch.read(self.step, self.model, self.opt, self.plan, lambda must: plan_peak(self, self.plan, must))
         if r is None or want > r.budget_bytes * HEADROOM:
             return
         room = f"available memory {r.available_bytes / MiB:.0f} MiB ({self.watch.source.name})"

@@ -75,6 +75,7 @@ def plot_pressure(log: list[dict], replans: list[dict], profile_budget: int, pat
     import matplotlib.pyplot as plt
 
     mib = 2**20
+    log = [r for r in log if r["plan_peak_bytes"] is not None] or [{**r, "plan_peak_bytes": 0} for r in log]
     steps = [r["step"] for r in log]
     peak = max(r["plan_peak_bytes"] for r in log)
     top = max(2.5 * peak, 1.3 * min(r["budget_bytes"] for r in log)) / mib  # the plan's scale: larger budgets clip

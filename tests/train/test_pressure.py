@@ -50,13 +50,14 @@ def test_a_drop_replans_before_the_step_no_step_is_lost_and_memory_back_plans_up
     r = fit(FitConfig(out=str(tmp_path / "run"), epochs=2, max_steps=30, memory_source=f"file:{avail}", **RUN))
     down, up = r["replans"]
     assert (down["step"], down["from"]) == (5, "plain") and down["to"] != "plain"
-    assert down["budget_bytes"] < (WS + 22) * MiB and f"available memory {WS + 22} MiB" in down["why"]
+    plain_peak = ckpt.load(tmp_path / "run/checkpoint.pt")["memory_log"][0]["plan_peak_bytes"]
+    assert down["budget_bytes"] < plain_peak and f"available memory {WS + 22} MiB" in down["why"]
     assert (up["step"], up["from"], up["to"]) == (23, down["to"], "plain")  # at the end of epoch 1, not before
     # every step ran once, in order, whatever the plan
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in rows if "loss" in h] == list(range(1, 31))
     log = json.loads((tmp_path / "run/report.json").read_text())["memory_watch"]
-    assert log["lowest_at_step"] == 5 and log["lowest_budget_bytes"] < (WS + 24) * MiB
+    assert 5 <= log["lowest_at_step"] < 12 and log["lowest_budget_bytes"] < plain_peak  # while it lasted
     assert (tmp_path / "run/memory_run.png").stat().st_size > 0
     assert "plain" in (tmp_path / "run/plan.yaml").read_text() or r["plan"] == "plain"
 
