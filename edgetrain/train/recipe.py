@@ -27,7 +27,6 @@ import torch
 from edgetrain.core.step import make_optimizer, train_step
 from edgetrain.errors import BudgetError, ConfigError, EdgeOOMError, EdgetrainError
 from edgetrain.levels import DEFAULT_ALLOW, check_allow
-from edgetrain.memory.allocator import pin_malloc_policy
 from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
 from edgetrain.memory.predict import check_input_size
 from edgetrain.methods.base import UnusedMethod, spec_of, structural_specs, unused_methods
@@ -110,7 +109,6 @@ class Recipe(Replanning):
     # --- setup -----------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        pin_malloc_policy()  # freed activations go back to the system: the process level can be predicted
         self.profile = resolve_profile(cfg.device)
         self.world = ddp.world()
         self.dev = ddp.start(self.world, self.profile.kind != "cpu" and torch.cuda.is_available())
@@ -183,20 +181,20 @@ class Recipe(Replanning):
         ddp.check_methods([*self.plan.choices.methods, *self.plan.choices.layers.values()], self.world)
         self.net = ddp.wrap(self.model, self.world, self.dev)  # what steps run through (the model itself elsewhere)
 
-    def _plan(self, forced: list[str], budget_bytes: int | None = None) -> Plan:
+    def _plan(self, forced: list[str]) -> Plan:
+        """The run's first plan: the --plan file, the forced methods, or the planner's for the device
+        (mid-run changes of plan: train/pressure.py)."""
         cfg = self.cfg
-        if cfg.plan and budget_bytes is None:
+        if cfg.plan:
             return Plan.load(cfg.plan)
-        forced = self._usable(forced) if budget_bytes is None else forced
+        forced = self._usable(forced)
         low = structural_specs(forced)
         if len(low) < len(forced):
             request = PlanRequest(cfg.model, self.data.input_shape, self.rank_batch, cfg.optimizer, self.profile.name,
                                   processes=self.world.size)  # fmt: skip
             return Plan(request, Choices(list(forced)))
-        chosen = plan_for(self.model, self.data.input_shape, self.rank_batch, self.profile, cfg.optimizer,
-                          cfg.prefer, cfg.model, len(self.data.classes), budget_bytes, methods=low,
-                          allow=cfg.allow, processes=self.world.size)  # fmt: skip
-        return chosen
+        return plan_for(self.model, self.data.input_shape, self.rank_batch, self.profile, cfg.optimizer, cfg.prefer,
+                        cfg.model, len(self.data.classes), methods=low, allow=cfg.allow, processes=self.world.size)  # fmt: skip
 
     def _usable(self, forced: list[str]) -> list[str]:
         """The forced methods that change something in this model; one that finds no eligible

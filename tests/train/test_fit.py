@@ -55,11 +55,11 @@ def test_oom_replans_and_continues(tmp_path, monkeypatch, capsys):
     calls = []
 
     def wrong_first(*a, **k):
-        calls.append(a[-1])  # budget_bytes
+        calls.append(k.get("budget_bytes"))
         return recipe.Plan()  # pretend plain fits
 
     def replan(*a, **k):
-        calls.append(a[-1])
+        calls.append(a[8])  # budget_bytes
         return real_plan(*a, **k)
 
     monkeypatch.setattr(recipe, "plan_for", wrong_first)
