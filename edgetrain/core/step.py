@@ -74,6 +74,11 @@ class StepSpec:
 OPTIMIZERS = {"sgd": 1, "adamw": 2}  # the optimizers edgetrain knows -> state tensors per trainable parameter
 
 
+def make_schedule(optimizer: torch.optim.Optimizer, lr: float, total_steps: int):
+    """`fit`'s learning-rate schedule: one cycle over the run, 15 % warm-up to the peak `lr`."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=total_steps, pct_start=0.15)
+
+
 def make_optimizer(name: str, params, lr: float = 0.05) -> torch.optim.Optimizer:
     """The optimizers edgetrain knows, with the defaults its memory figures assume. Weight decay
     applies to weight matrices and kernels only: decaying BatchNorm scales and biases pulls them

@@ -215,12 +215,13 @@ _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 
 
 def op_transient(func, args: tuple, out) -> int:
-    """Bytes an op holds inside itself, beyond its outputs, while it runs on a CPU: oneDNN copies
-    a convolution's operands into its blocked layout: the larger of input and output forward;
-    backward, the input and output gradient (depthwise), or the input and the larger of input and
-    output gradient (a strided convolution's input gradient is reordered too); BatchNorm's backward holds one input-sized buffer (measured against the CPU allocator with
-    torch.profiler: bench/memory_grid.py --kinds; tests/memory/test_tracker.py). No tensor holds
-    them, so the tracker cannot see them; the CPU allocator model adds them (memory/allocator.py)."""
+    """Bytes an op holds inside itself, beyond its outputs, while it runs on a CPU. oneDNN copies a
+    convolution's operands into its blocked layout: forward, the larger of input and output;
+    backward, the input and the output gradient (depthwise), or the input and the larger of input
+    and output gradient (a strided convolution's input gradient is reordered too). BatchNorm's
+    backward holds one input-sized buffer. Measured against the CPU allocator with torch.profiler
+    (bench/memtracker.py, tests/memory/test_tracker.py). No tensor holds them, so the tracker cannot
+    see them; the CPU allocator model adds them (memory/allocator.py)."""
     if func is _CONV:
         return max(_nbytes(args[0]), _nbytes(out))
     if func is _CONV_BACKWARD:

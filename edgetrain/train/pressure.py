@@ -1,9 +1,10 @@
 """Memory pressure during `fit`: a plan that fits is not killed when other processes take memory.
 
 Before every step the run reads what is really available (`memory.available`) and works out what
-the next step may reach: what it holds already (its resting tensors on a CPU or a Jetson host,
-the caching allocator's reserve on a GPU), plus what is available, less `keep_free` for the rest
-of the system, and never more than the profile's budget. When the active plan's predicted device
+the next step may reach: what it holds already (on a host, its resting tensors and the freed
+memory its allocator kept, which the step reuses; on a GPU, the caching allocator's reserve),
+plus what is available, less `keep_free` for the rest of the system, and never more than the
+profile's budget. When the active plan's predicted device
 peak is over that, it re-plans before the step, says so in one line, and goes on: no step is
 lost. At an epoch end, when memory has come back, the run's first plan returns. When no plan can
 meet what is left, the run saves a checkpoint and stops with one line (`MemoryGone`); `--resume`
@@ -24,7 +25,7 @@ from typing import Any
 import psutil
 import torch
 
-from edgetrain.core.step import StepSettings, make_optimizer
+from edgetrain.core.step import StepSettings, make_optimizer, make_schedule
 from edgetrain.errors import BudgetError, EdgetrainError
 from edgetrain.levels import CHANGE_LEVELS
 from edgetrain.memory.available import MemorySource, SourceUnreadable, named_source, open_source
@@ -69,7 +70,7 @@ class PressureWatch:
         self.on_gpu, self.warn = on_gpu, warn
         self.base: int | None = None  # RSS that is not tensors (framework, data), at the first reading
         self.log: list[dict[str, Any]] = []  # every reading, for report.json and the run's memory plot
-        self.events: list[dict[str, Any]] = []  # every change of plan it caused
+        self._process = psutil.Process()
 
     def read(
         self,
@@ -98,7 +99,7 @@ class PressureWatch:
     def _held_on_host(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
         """What the next step can reuse without asking for more: its resting tensors, and freed memory
         the allocator kept (RSS above what is not tensors, as first read: framework, data, Python)."""
-        rest, rss = resting_bytes(model, opt), psutil.Process().memory_info().rss
+        rest, rss = resting_bytes(model, opt), self._process.memory_info().rss
         if self.base is None:
             self.base = rss - rest
         return max(rest, rss - self.base)
@@ -184,8 +185,7 @@ def switch_plan(recipe: Any, plan: Plan) -> StepSettings:
     apply_plan_(model, rest)
     recipe.model = recipe.net = model.to(recipe.dev)
     recipe.opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
-    total = sched_state["total_steps"]
-    recipe.sched = torch.optim.lr_scheduler.OneCycleLR(recipe.opt, cfg.lr, total_steps=total, pct_start=0.15)
+    recipe.sched = make_schedule(recipe.opt, cfg.lr, sched_state["total_steps"])
     recipe.opt.load_state_dict(opt_state)  # after the schedule is made: its rates are the run's
     recipe.sched.load_state_dict(sched_state)
     recipe.plan = plan

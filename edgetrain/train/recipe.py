@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgetrain.core.step import make_optimizer, train_step
+from edgetrain.core.step import make_optimizer, make_schedule, train_step
 from edgetrain.errors import BudgetError, ConfigError, EdgeOOMError, EdgetrainError
 from edgetrain.levels import DEFAULT_ALLOW, check_allow
 from edgetrain.memory.guard import BudgetGuard, allocation_granularity, tensor_budget
@@ -127,7 +127,7 @@ class Recipe(Replanning):
         self._build_model(state)
         self.opt = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr)
         total = cfg.epochs * len(self.train_loader)
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, cfg.lr, total_steps=total, pct_start=0.15)
+        self.sched = make_schedule(self.opt, cfg.lr, total)
         self.aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.epoch, self.step_in_epoch, self.step, self.history = 0, 0, 0, []
         self.epoch_gen_state = self.train_loader.generator.get_state()

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgetrain.memory.plot import plot_timeline
+from edgetrain.memory.plot import budget_lines, plot_timeline
 from edgetrain.models import create_model
 from edgetrain.planning.record import PlanRequest
 from edgetrain.planning.search import estimate_plan
@@ -75,25 +75,23 @@ def plot_pressure(log: list[dict], replans: list[dict], profile_budget: int, pat
     import matplotlib.pyplot as plt
 
     mib = 2**20
-    log = [r for r in log if r["plan_peak_bytes"] is not None] or [{**r, "plan_peak_bytes": 0} for r in log]
-    steps = [r["step"] for r in log]
-    peak = max(r["plan_peak_bytes"] for r in log)
+    known = [r for r in log if r["plan_peak_bytes"] is not None]  # a forced plan's peak is estimated only when needed
+    peak = max((r["plan_peak_bytes"] for r in known), default=0)
     top = max(2.5 * peak, 1.3 * min(r["budget_bytes"] for r in log)) / mib  # the plan's scale: larger budgets clip
     fig, ax = plt.subplots(figsize=(9, 4.2))
-    ax.step(steps, [min(r["budget_bytes"] / mib, top) for r in log], where="post", color="C0",
+    ax.step([r["step"] for r in log], [min(r["budget_bytes"] / mib, top) for r in log], where="post", color="C0",
             label=f"budget for the next step (held + available - kept free; clipped at {top:,.0f})")  # fmt: skip
-    ax.step(steps, [r["plan_peak_bytes"] / mib for r in log], where="post", color="C1",
-            label="active plan: predicted device peak")  # fmt: skip
-    if profile_budget / mib <= top:
-        ax.axhline(
-            profile_budget / mib, color="red", lw=0.8, ls="--", label=f"profile budget {profile_budget / mib:,.0f} MiB"
-        )
+    if known:
+        ax.step([r["step"] for r in known], [r["plan_peak_bytes"] / mib for r in known], where="post", color="C1",
+                label="active plan: predicted device peak")  # fmt: skip
+        top = budget_lines(ax, peak, profile_budget, top, draw_device=False)  # the profile's budget, or its value
     else:
-        ax.plot([], [], " ", label=f"profile budget {profile_budget / mib:,.0f} MiB (off the scale)")
+        top *= 1.12
+        ax.plot([], [], " ", label=f"profile budget {profile_budget / mib:,.0f} MiB")
     for i, e in enumerate(replans):
         ax.axvline(e["step"], color="grey", lw=0.8, ls=":")
-        ax.text(e["step"], top * (0.93 - 0.07 * (i % 2)), f" -> {e['to']}", fontsize=7, color="dimgrey")
-    ax.set_ylim(0, top * 1.02)
+        ax.text(e["step"], top * (0.85 - 0.06 * (i % 2)), f" -> {e['to']}", fontsize=7, color="dimgrey")
+    ax.set_ylim(0, top)
     ax.set_xlabel("step")
     ax.set_ylabel("MiB (device level)")
     ax.set_title(title, fontsize=10)

@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import edgetrain.train.pressure as pressure
 import edgetrain.train.recipe as recipe
 from edgetrain.devices.store import get_device
+from edgetrain.memory.guard import resting_bytes
 from edgetrain.train import checkpoint as ckpt
 from edgetrain.train.pressure import MemoryGone
 from edgetrain.train.recipe import FitConfig, fit
@@ -30,7 +32,10 @@ RUN = dict(device="cpu", model="cifar_resnet8", input_size=32, batch_size=64, ke
 
 
 def _drops(monkeypatch, path: Path, schedule: dict[int, str]) -> None:
-    """Write `schedule[n]` to `path` just before the n-th training step runs (1-based)."""
+    """Write `schedule[n]` to `path` just before the n-th training step runs (1-based). The run
+    holds its resting tensors only, as a process whose allocator returns what is freed (pinned):
+    what glibc keeps otherwise depends on what this test process did before."""
+    monkeypatch.setattr(pressure.PressureWatch, "_held_on_host", lambda self, model, opt: resting_bytes(model, opt))
     path.write_text("10GiB")
     real, calls = recipe.train_step, [0]
 
@@ -185,3 +190,17 @@ def _steps_done(out: Path) -> int:
         return int(ckpt.load(out / "checkpoint.pt")["step"])
     except Exception:  # noqa: BLE001 - not written yet, or being replaced
         return 0
+
+
+def test_on_a_host_the_run_holds_its_resting_tensors_and_what_its_allocator_kept():
+    """RSS that grew since the first reading (memory glibc kept for the next step) counts as the run's."""
+    from torch import nn
+
+    model = nn.Linear(512, 512)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    watch = pressure.PressureWatch(None, 2**40, 0, False, print)  # type: ignore[arg-type]
+    first = watch._held_on_host(model, opt)
+    assert first == resting_bytes(model, opt)
+    kept = bytearray(b"x" * (64 * MiB))  # resident, not a tensor: as a heap the allocator did not give back
+    assert watch._held_on_host(model, opt) >= first + 60 * MiB
+    del kept
