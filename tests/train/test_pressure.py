@@ -193,14 +193,20 @@ def _steps_done(out: Path) -> int:
 
 
 def test_on_a_host_the_run_holds_its_resting_tensors_and_what_its_allocator_kept():
-    """RSS that grew since the first reading (memory glibc kept for the next step) counts as the run's."""
+    """RSS that grew since the first reading (memory glibc kept for the next step) counts as the run's;
+    RSS that fell below the first reading's non-tensor part leaves the resting tensors."""
+    from types import SimpleNamespace
+
     from torch import nn
 
     model = nn.Linear(512, 512)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rest = resting_bytes(model, opt)
+    rss = [900 * MiB]  # the process's RSS as psutil would read it: set by the test, not by glibc
     watch = pressure.PressureWatch(None, 2**40, 0, False, print)  # type: ignore[arg-type]
-    first = watch._held_on_host(model, opt)
-    assert first == resting_bytes(model, opt)
-    kept = bytearray(b"x" * (64 * MiB))  # resident, not a tensor: as a heap the allocator did not give back
-    assert watch._held_on_host(model, opt) >= first + 60 * MiB
-    del kept
+    watch._process = SimpleNamespace(memory_info=lambda: SimpleNamespace(rss=rss[0]))
+    assert watch._held_on_host(model, opt) == rest  # first reading: the rest of RSS is not the run's
+    rss[0] += 64 * MiB  # the allocator kept 64 MiB freed by a step
+    assert watch._held_on_host(model, opt) == rest + 64 * MiB
+    rss[0] -= 200 * MiB  # the allocator gave memory back, and more
+    assert watch._held_on_host(model, opt) == rest
