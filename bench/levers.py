@@ -1,6 +1,6 @@
 """Accuracy of each lever the planner can pick, against plain: digits, 3 seeds.
 
-    .venv/bin/python bench/levers.py [--epochs 6] [--seeds 0,1,2]
+    .venv/bin/python bench/levers.py [--epochs 6] [--seeds 0,1,2] [--only optim-state]
 
 cifar_resnet20 trained on scikit-learn's digits at 32 px with each lever forced (`fit --method`),
 the same seeds and epochs; test accuracy mean, min and max, and the change against plain in points.
@@ -22,6 +22,8 @@ LEVERS = [
     [],
     ["checkpoint"],
     ["step-in-backward"],
+    ["optim-state:dtype=bf16"],
+    ["optim-state:dtype=int8"],
     ["microbatch:micro_batches=4"],
     ["precision:dtype=bf16"],
     ["compress:bits=8"],
@@ -35,12 +37,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--only", default="", help="just the levers whose spec contains this (plain always runs)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"accuracy of each lever, cifar_resnet20 on digits at 32 px, {args.epochs} epochs, seeds {seeds}")
     print(f"{'lever':<28} {'level':<13} {'risk':>4} {'mean':>8} {'min':>8} {'max':>8} {'vs plain':>9}")
     rows = []
-    for methods in LEVERS:
+    for methods in [m for m in LEVERS if not m or args.only in m[0]]:
         accs = seeded_accuracies(methods, seeds, args.epochs, "lever-" + ("-".join(methods) or "plain"))
         c = parse_spec(methods[0]) if methods else None
         row = {"lever": methods[0] if methods else "plain", "level": change_level(c) if c else "-",

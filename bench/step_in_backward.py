@@ -1,12 +1,14 @@
-"""The optimizer step fused into backward (`step-in-backward`) against the plain step.
+"""The levers on gradients and optimizer state against the plain step: the optimizer step fused
+into backward (`step-in-backward`), and the state kept in bf16 or int8 (`optim-state`).
 
-    .venv/bin/python bench/step_in_backward.py [--quick]
+    .venv/bin/python bench/step_in_backward.py [--quick] [--levers step|state]
 
 For resnet18 (b32) and vgg11_bn (b8) at 224 px, SGD with momentum and AdamW, side by side in one
 run: the whole step's tensor-level peak (predicted with fake tensors, and measured on a real
 step), the peak RSS of a fresh process running the step (what the OOM killer sees) against its
 host-side prediction, and the step time (medians of interleaved steps), each as a ratio to plain.
-Writes bench/out/step_in_backward.json.
+`--levers state` runs the optimizer-state rows (bench/optim_state.txt). Writes
+bench/out/step_in_backward.json (or optim_state.json).
 """
 
 from __future__ import annotations
@@ -28,14 +30,22 @@ from edgetrain.train.probe import measure_in_subprocess
 OUT = Path(__file__).parent / "out"
 MiB = 2**20
 CASES = [("resnet18", 32), ("vgg11_bn", 8)]
-METHODS = [[], ["step-in-backward"]]
+LEVERS = {
+    "step": [[], ["step-in-backward"]],
+    "state": [
+        [],
+        ["optim-state:dtype=bf16"],
+        ["optim-state:dtype=int8"],
+        ["step-in-backward", "optim-state:dtype=int8"],
+    ],
+}
 
 
-def case_rows(model_name: str, batch: int, optimizer: str, repeat: int) -> list[dict]:
-    """Both methods on one case: estimate, real tracked step, fresh-process RSS, interleaved time."""
+def case_rows(model_name: str, batch: int, optimizer: str, repeat: int, levers: list[list[str]]) -> list[dict]:
+    """Each lever set on one case: estimate, real tracked step, fresh-process RSS, interleaved time."""
     shape, host = (3, 224, 224), resolve_profile("cpu")
     rows, steps = [], []
-    for methods in METHODS:
+    for methods in levers:
         model = create_model(model_name, num_classes=10)
         est = estimate(model, shape, batch, optimizer, host, methods).predicted
         m, _, settings = prepare(model, methods)
@@ -59,22 +69,24 @@ def case_rows(model_name: str, batch: int, optimizer: str, repeat: int) -> list[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
+    ap.add_argument("--levers", choices=sorted(LEVERS), default="step")
     args = ap.parse_args()
     print("optimizer step in backward vs plain, 224 px (tensor peak: predicted / measured; process: fresh-process "
           "peak RSS against the host-side prediction; time: median of interleaved steps)")  # fmt: skip
-    print(f"{'case':<14} {'opt':<6} {'method':<17} {'pred MiB':>9} {'meas MiB':>9} {'x plain':>8} "
+    print(f"{'case':<14} {'opt':<6} {'method':<40} {'pred MiB':>9} {'meas MiB':>9} {'x plain':>8} "
           f"{'RSS MiB':>8} {'RSS err':>8} {'x plain':>8} {'step s':>7} {'x plain':>8}")  # fmt: skip
     rows = []
     for model_name, batch in CASES:
         for optimizer in ("sgd", "adamw"):
-            for r in case_rows(model_name, batch, optimizer, 2 if args.quick else 5):
+            for r in case_rows(model_name, batch, optimizer, 2 if args.quick else 5, LEVERS[args.levers]):
                 rows.append(r)
                 err = r["predicted_process"] / r["rss"] - 1
-                print(f"{f'{model_name} b{batch}':<14} {optimizer:<6} {r['method']:<17} {r['predicted'] / MiB:>9.1f} "
+                print(f"{f'{model_name} b{batch}':<14} {optimizer:<6} {r['method']:<40} {r['predicted'] / MiB:>9.1f} "
                       f"{r['measured'] / MiB:>9.1f} {r['measured_ratio']:>8.3f} {r['rss'] / MiB:>8.0f} {err:>+8.1%} "
                       f"{r['rss_ratio']:>8.3f} {r['seconds']:>7.2f} {r['seconds_ratio']:>8.3f}")  # fmt: skip
     OUT.mkdir(exist_ok=True)
-    (OUT / "step_in_backward.json").write_text(json.dumps(rows, indent=1))
+    name = "step_in_backward" if args.levers == "step" else "optim_state"
+    (OUT / f"{name}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from edgetrain.core.packed_state import packed_state
 from edgetrain.errors import ConfigError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,13 +41,16 @@ class StepSettings:
     """Global settings of a step: autocast precision, micro-batches per optimizer step, an
     orthogonality regularizer (`orth`, see methods/orthogonality.py) added to the loss, and
     `step_in_backward`: each parameter is updated as soon as its gradient is complete (during the
-    last micro-batch's backward) and its gradient freed, so the gradients are never all held."""
+    last micro-batch's backward) and its gradient freed, so the gradients are never all held;
+    `optimizer_state`: the codec the optimizer state is kept packed with between steps (see
+    core/packed_state.py; "fp32": as the optimizer keeps it)."""
 
     precision: str = "fp32"
     micro_batches: int = 1
     orth: str = ""
     orth_weight: float = 0.0
     step_in_backward: bool = False
+    optimizer_state: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -120,26 +124,42 @@ def train_step(
     tr = tracker or _NullTracker()
     total = x.new_zeros(())
     n = max(1, min(settings.micro_batches, x.shape[0]))
-    for i, (xc, yc) in enumerate(zip(x.chunk(n), y.chunk(n), strict=True)):
-        with tr.in_phase("forward"), _autocast(x, settings.precision):
-            loss = nn.functional.cross_entropy(model(xc), yc) * (xc.shape[0] / x.shape[0])
-            if settings.orth:
-                loss = loss + settings.orth_weight * (xc.shape[0] / x.shape[0]) * _penalty(model, settings.orth)
-        tr.label_live("activations", "forward")
-        last = settings.step_in_backward and i == n - 1
-        with tr.in_phase("backward"), _step_in_backward(model, optimizer) if last else contextlib.nullcontext():
-            (scaler.scale(loss) if scaler else loss).backward()
-        total = total + loss.detach()
-    tr.track((p.grad for p in model.parameters()), "gradients")
-    with tr.in_phase("optimizer"):
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        elif not settings.step_in_backward:  # else every parameter was updated in backward
-            optimizer.step()
+    with packed_state(optimizer, settings.optimizer_state):
+        for i, (xc, yc) in enumerate(zip(x.chunk(n), y.chunk(n), strict=True)):
+            loss = forward_pass(model, xc, yc, settings, tr, xc.shape[0] / x.shape[0])
+            last = settings.step_in_backward and i == n - 1
+            with tr.in_phase("backward"), _step_in_backward(model, optimizer) if last else contextlib.nullcontext():
+                (scaler.scale(loss) if scaler else loss).backward()
+            total = total + loss.detach()
+        tr.track((p.grad for p in model.parameters()), "gradients")
+        with tr.in_phase("optimizer"):
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            elif not settings.step_in_backward:  # else every parameter was updated in backward
+                optimizer.step()
     tr.track(optimizer_state_tensors(optimizer), "optimizer")
     optimizer.zero_grad(set_to_none=True)
     return total
+
+
+def forward_pass(
+    model: nn.Module,
+    x: torch.Tensor,  # (n, C, H, W): a micro-batch
+    y: torch.Tensor,  # (n,)
+    settings: StepSettings = StepSettings(),
+    tracker: StepTracker | None = None,
+    share: float = 1.0,
+) -> torch.Tensor:
+    """The forward pass of a step on one micro-batch, its loss weighted by its `share` of the batch;
+    with a tracker, what is held when it ends is labelled as saved activations."""
+    tr = tracker or _NullTracker()
+    with tr.in_phase("forward"), _autocast(x, settings.precision):
+        loss = nn.functional.cross_entropy(model(x), y) * share
+        if settings.orth:
+            loss = loss + settings.orth_weight * share * _penalty(model, settings.orth)
+    tr.label_live("activations", "forward")
+    return loss
 
 
 @contextlib.contextmanager

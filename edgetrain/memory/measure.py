@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from edgetrain.core.step import StepSpec, make_optimizer, train_step
+from edgetrain.core.packed_state import packed_state
+from edgetrain.core.step import StepSpec, forward_pass, make_optimizer, train_step
 from edgetrain.memory.guard import BudgetGuard
 from edgetrain.memory.tracker import MemoryReport
 
@@ -24,6 +25,17 @@ def fake_copy(model: nn.Module, mode: FakeTensorMode) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def shell_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s modules whose parameters and buffers share the original's storage: cheap
+    (no weight is copied) for work that only changes the layers and runs fake steps, never writing
+    a weight. Each parameter is a new object, so `requires_grad` set on the copy stays there."""
+    memo: dict[int, object] = {
+        id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()
+    }
+    memo.update({id(b): b.detach() for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
 def tracked_step(
     model: nn.Module,
     spec: StepSpec,
@@ -33,12 +45,14 @@ def tracked_step(
     warmup: bool = True,
     inplace: bool = False,
     held_batch: int | None = None,
+    forward_only: bool = False,
 ) -> MemoryReport:
     """The steady-state training step's memory: one untracked warm-up step creates optimizer
     state, then one tracked step. Works on a copy, so `model` itself is not trained, unless
     `inplace` (a real step on `model` itself: what a measuring process does to hold nothing more).
     `held_batch`: the input is made that large and the step runs on its first `spec.batch_size`
-    samples (a view: the whole input is held, as by a step that runs all of it)."""
+    samples (a view: the whole input is held, as by a step that runs all of it). `forward_only`:
+    the forward pass alone (one micro-batch): what it keeps, and its peak."""
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
     device = _device_of(model)
     m = fake_copy(model, mode) if fake else (model if inplace else copy.deepcopy(model))
@@ -48,11 +62,27 @@ def tracked_step(
         n = held_batch or spec.batch_size
         x = torch.randn((n, *spec.input_shape), device=device)[: spec.batch_size]
         y = torch.randint(0, spec.num_classes, (n,), device=device)[: spec.batch_size]
-        if warmup:
+        if warmup and fake:  # the state a steady-state step starts with, without a step of the model
+            prime_optimizer(opt, spec.settings.optimizer_state)
+        elif warmup:
             train_step(m, x, y, opt, spec.settings)
         with BudgetGuard(budget_bytes, m, opt, (x, y), round_to) as tracker:
-            train_step(m, x, y, opt, spec.settings, tracker=tracker)
+            if forward_only:
+                forward_pass(m, x, y, spec.settings, tracker)
+            else:
+                train_step(m, x, y, opt, spec.settings, tracker=tracker)
         return tracker.report()
+
+
+def prime_optimizer(opt: torch.optim.Optimizer, state: str = "fp32") -> None:
+    """Give `opt` the state one step makes (a zero gradient per parameter, one step; kept packed as
+    `state` says): what a fake step's warm-up needs of a step, at the cost of the optimizer's ops alone."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    with packed_state(opt, state):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -390,6 +390,7 @@ def _load_builtin() -> None:
         compress,
         freeze,
         lowrank,
+        optim_state,
         orthogonality,
         partial,
         precision,

@@ -114,6 +114,7 @@ class Planner:
         self.device_ratio = max(1.0, over / plain.predicted.peak_total_bytes) if cuda else 1.0
         self.device_extra = 0 if cuda else max(0, over - plain.predicted.peak_total_bytes)
         self.has_bn = has_batchnorm(model)
+        self.inputs = plain.predicted.peak_by_category.get("inputs", 0)  # the batch: micro-batches are its views
         self._least: dict[StepWide, int] = {}  # least_fixed by setting (this table's)
 
     def _saved(self, option: Option, unit: Unit, g: StepWide) -> int:
@@ -197,14 +198,16 @@ class Planner:
         return factor - 1 + self.weight * risk, factor
 
     def least_peak(self, g: StepWide) -> int:
-        """The modelled tensor peak under `g` with every unit at its lightest option."""
-        plain_act = self.plain.predicted.peak_total_bytes - self.table.fixed.total
-        least = sum(min(b for _, b, _ in group) for group in self.groups(g)) - self._plain_saved(g)
-        return g.fixed(self.table.fixed, self.table.largest_gradient) + g.activations(plain_act) + least
+        """The modelled tensor peak under `g` with every unit at its lightest option: the linear
+        model's, or the floor of an option it uses (its forward's transients), if higher."""
+        picks = [min(group, key=lambda e: e[1]) for group in self.groups(g)]
+        least = self._base(g) + sum(b for _, b, _ in picks) - self._plain_saved(g)
+        used = {o for what, _, _ in picks for o in what.values() if o is not None and o in self.table.acts}
+        floors = [self.least_fixed(g) + self.inputs + max(0, self.table.acts[o]) // g.divisor for o in used]
+        return max([least, self.least_fixed(g) + self.inputs, *floors])
 
     def modelled_peak(self, g: StepWide, chosen: dict[str, Option]) -> int:
         """The linear model's tensor peak of per-unit options `chosen` under `g` (what `solve` fits)."""
-        plain_act = self.plain.predicted.peak_total_bytes - self.table.fixed.total
         held = 0
         for u in self.top:
             inside = self.inside.get(u.name, [])
@@ -213,8 +216,16 @@ class Planner:
             else:  # a run left to the units inside it
                 rest = self._saved(None, u, g) - sum(self._saved(None, c, g) for c in inside)
                 held += rest + sum(self._bytes(chosen.get(c.name), c, g) for c in inside)
-        base = g.fixed(self.table.fixed, self.table.largest_gradient) + g.activations(plain_act)
-        return base - self._plain_saved(g) + held
+        return self._base(g) - self._plain_saved(g) + held
+
+    def _plain_act(self) -> int:
+        """Plain's tensor peak less its fixed bytes and the input batch (whole however it is split)."""
+        return self.plain.predicted.peak_total_bytes - self.table.fixed.total - self.inputs
+
+    def _base(self, g: StepWide) -> int:
+        """The modelled tensor peak under `g` with every unit plain."""
+        fixed = g.fixed(self.table.fixed, self.table.largest_gradient)
+        return fixed + g.activations(self._plain_act()) + self.inputs
 
     def _plain_saved(self, g: StepWide) -> int:
         return sum(self._saved(None, u, g) for u in self.top)
@@ -222,8 +233,8 @@ class Planner:
     def solve(self, g: StepWide, budget: int) -> tuple[dict[str, Option], float, float] | None:
         """Per-unit options under setting `g` whose modelled device peak fits `budget`:
         ({unit: option}, cost, predicted time factor); None when none does."""
-        plain_act = self.plain.predicted.peak_total_bytes - self.table.fixed.total
-        act_budget = self.tensor_bytes(budget) - g.fixed(self.table.fixed, self.table.largest_gradient)
+        plain_act = self._plain_act()
+        act_budget = self.tensor_bytes(budget) - g.fixed(self.table.fixed, self.table.largest_gradient) - self.inputs
         groups = self.groups(g, budget)
         if not all(groups):
             return None

@@ -9,7 +9,6 @@ levels above are tried, and the answer says which one would do.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 
@@ -21,6 +20,7 @@ from edgetrain.devices.store import get_device
 from edgetrain.errors import BudgetError, ConfigError
 from edgetrain.levels import CHANGE_LEVELS, DEFAULT_ALLOW, check_allow
 from edgetrain.memory.allocator import MiB
+from edgetrain.memory.measure import shell_copy
 from edgetrain.memory.predict import num_classes_of
 from edgetrain.methods.base import (
     METHODS,
@@ -125,19 +125,31 @@ def _search(
     row["fits"] = False
     planner = planner or Planner(model, spec, profile, request.prefer, plain, request.allow, request.processes)
     rows = [row]
-    for level in _levels(request.allow):  # the layers change only when nothing fits without that
+    levels = _levels(request.allow)
+    for level in levels:  # the layers change only when nothing fits without that
         planner.allow = level
         got = _first_fit(planner, budget, exact, rows)
         if got is not None:
             cand, est, factor, g = got
             return _finish(doc, cand, est, factor, rows, _reasons(planner, g, cand, est, budget, base))
-        g, p, est = _lightest(planner, exact)
+        if level != levels[-1] and not _near(planner, budget):
+            continue  # far from fitting as modelled: the next level is searched without an exact check
+        g, p, est = _cheapest_lightest(planner, budget, exact)
         if est.predicted.peak_device_bytes <= budget:  # the linear model erred high; the exact check says it fits
             factor = planner.global_cost(g)[1]
             rows.append({**_row(p, est, factor, True), "chosen": True})
-            why = "the modelled plans did not fit; the lightest plan, estimated exactly, does"
+            why = "the modelled plans did not fit; the lightest plan of this setting, estimated exactly, does"
             return _finish(doc, p, est, factor, rows, [why, *_reasons(planner, g, p, est, budget, base)])
-    raise _not_fit(planner, request, p, est, _at_a_higher_level(planner, budget, exact))
+    raise _not_fit(planner, request, g, p, est, _at_a_higher_level(planner, budget, exact))
+
+
+NEAR = 1.15  # the linear model's peak errs by a few % (recompute, ops' inner copies): beyond this, it does not fit
+
+
+def _near(planner: Planner, budget: int) -> bool:
+    """Whether the lightest plan as modelled comes within NEAR of `budget` (worth an exact check)."""
+    least = min(planner.least_peak(g) for g in planner.settings())
+    return planner.device_bytes(least) <= budget * NEAR
 
 
 def _levels(allow: str) -> list[str]:
@@ -150,16 +162,27 @@ def _levels(allow: str) -> list[str]:
 def _first_fit(
     planner: Planner, budget: int, exact, rows: list[dict]
 ) -> tuple[Choices, Estimate, float, StepWide] | None:
-    """The cheapest step-wide setting whose plan fits in the exact check; `rows` get the table."""
-    found = []
+    """The cheapest step-wide setting whose plan fits in the exact check; `rows` get the table. A
+    cheaper setting the linear model put just over the budget has its lightest plan checked too."""
+    found, missed = [], []
     for g in planner.settings():
         got = planner.solve(g, budget)
         if got is None:
             rows.append({"plan": g.label() + " (nothing fits)", "fits": False})
+            if planner.device_bytes(planner.least_peak(g)) <= budget * NEAR:
+                missed.append((planner.global_cost(g)[0], g))
             continue
         found.append((got[1], g, got))
     found = _undominated(found)
-    for i, (_, g, got) in enumerate(found):
+    missed = sorted(missed, key=lambda m: m[0])[:TRIES]
+    for i, (cost, g, got) in enumerate(found):
+        for g0 in [g0 for c0, g0 in missed if c0 < cost]:
+            missed = [m for m in missed if m[1] != g0]
+            _, p0, est0 = _lightest(planner, exact, g0)
+            if est0.predicted.peak_device_bytes <= budget:
+                factor0 = planner.global_cost(g0)[1]
+                rows.append({**_row(p0, est0, factor0, True), "chosen": True})
+                return p0, est0, factor0, g0
         verified = _verify(planner, g, got, budget, exact)
         if verified is None:
             rows.append({"plan": g.label() + ": modelled to fit, over budget in the exact check", "fits": False})
@@ -221,7 +244,7 @@ def estimate_plan(
     """`estimate` of a model with a plan's choices applied, for the step `request` names (fake
     tensors, nothing allocated; layers changed with their cheap twins: no decomposition)."""
     choices = plan.choices if isinstance(plan, Plan) else plan
-    m = copy.deepcopy(model)
+    m = shell_copy(model)  # the plan changes layers and runs a fake step: no weight is copied
     apply_plan_(m, Choices([c for c in choices.methods if c.structural], choices.layers).for_shapes())
     rest = [c for c in choices.methods if not c.structural]
     r = request
@@ -278,17 +301,41 @@ def _finish(doc: Plan, chosen: Choices, est: Estimate, factor: float, rows: list
     return doc
 
 
-def _lightest(planner: Planner, exact) -> tuple[StepWide, Choices, Estimate]:
-    """The plan with the least modelled peak (every unit at its lightest under the lightest step-wide
-    setting allowed), estimated exactly."""
-    g = min(planner.settings(), key=planner.least_peak)
-    grain = 2**16  # choices within 64 KiB of each other hold the same: the cheaper one is taken
-    picks = [min(group, key=lambda e: (e[1] // grain, e[2])) for group in planner.groups(g)]
+TRIES = 3  # exact checks of the cheapest settings' lightest plans near the budget, then of the lightest settings'
+
+
+def _cheapest_lightest(planner: Planner, budget: int, exact) -> tuple[StepWide, Choices, Estimate]:
+    """When the modelled plans do not fit: each setting's lightest plan estimated exactly, first the
+    cheapest settings whose modelled least peak comes near the budget (an exact lever before a lossy
+    one), then the settings lightest as modelled; the first that fits, else the lowest found (the
+    linear model ranks the lightest plans only roughly: their transients are not in it)."""
+    near = [g for g in planner.settings() if planner.device_bytes(planner.least_peak(g)) <= budget * NEAR]
+    cheapest = sorted(near, key=lambda g: planner.global_cost(g)[0])[:TRIES]
+    lightest = sorted(planner.settings(), key=planner.least_peak)[:TRIES]
+    tried = []
+    for g in dict.fromkeys(cheapest + lightest):
+        tried.append(_lightest(planner, exact, g))
+        if tried[-1][2].predicted.peak_device_bytes <= budget:
+            return tried[-1]
+    return min(tried, key=lambda t: t[2].predicted.peak_device_bytes)
+
+
+def _lightest(planner: Planner, exact, g: StepWide | None = None) -> tuple[StepWide, Choices, Estimate]:
+    """The plan with the least modelled peak (every unit at its lightest under the step-wide setting
+    `g`, or the lightest setting allowed), estimated exactly."""
+    g = g or min(planner.settings(), key=planner.least_peak)
+    picks = [_lightest_choice(group) for group in planner.groups(g)]
     p = planner.to_choices(g, {k: v for what, _, _ in picks for k, v in what.items()})
     return g, p, exact(p)
 
 
-def _not_fit(planner: Planner, request: PlanRequest, p: Choices, est: Estimate, higher) -> BudgetError:
+def _lightest_choice(group: list[tuple[dict, int, float]], grain: int = 2**16) -> tuple[dict, int, float]:
+    """The cheapest of a unit's choices within `grain` bytes of its lightest (they hold the same)."""
+    least = min(b for _, b, _ in group)
+    return min((e for e in group if e[1] <= least + grain), key=lambda e: e[2])
+
+
+def _not_fit(planner: Planner, request: PlanRequest, g: StepWide, p: Choices, est: Estimate, higher) -> BudgetError:
     """The smallest peak reachable at the level allowed (the lightest plan's), and what would fit:
     a higher `--allow` level's plan, a batch or input size, or a smaller model."""
     budget, batch_size, input_shape = request.budget_bytes, request.batch_size, request.input_shape
@@ -300,7 +347,6 @@ def _not_fit(planner: Planner, request: PlanRequest, p: Choices, est: Estimate, 
         level, hp, hest = higher
         return BudgetError(f"{head}; fits with --allow {level}: {hp.summary()}, "
                            f"{hest.predicted.peak_device_bytes / MiB:.0f} MiB predicted")  # fmt: skip
-    g = min(planner.settings(), key=planner.least_peak)
     fixed = planner.least_fixed(g) + planner.workspace  # weights, gradients, optimizer state, workspace
     advice = (
         f"use a smaller model, change its layers (--method: one of {', '.join(_structural())}), a lighter "

@@ -187,6 +187,9 @@ def slim(monkeypatch):
     return _register(monkeypatch, SlimHandler())
 
 
+LIGHTEST = ["step-in-backward", "optim-state:dtype=int8"]  # the lightest levers at the default level
+
+
 def _wide():
     torch.manual_seed(0)
     layers = [m for _ in range(6) for m in (nn.ReLU(), nn.Linear(1024, 1024))]
@@ -196,7 +199,7 @@ def _wide():
 def test_a_method_that_shrinks_weights_is_weighed_by_the_bytes_it_frees(slim):
     """Below what any lever on activations or gradients reaches, the planner slims just enough
     layers: each option's parameter, gradient and optimizer-state bytes are in the knapsack."""
-    lightest = estimate(_wide(), (3, 16, 16), 8, device="gtx750-1gb", methods=["step-in-backward"])
+    lightest = estimate(_wide(), (3, 16, 16), 8, device="gtx750-1gb", methods=LIGHTEST)
     budget = lightest.predicted.peak_device_bytes - 12 * MiB
     with pytest.raises(BudgetError, match=r"with --allow lossy: .*; fits with --allow architecture: .*toy-slim x\d, "
                        r"\d+ MiB predicted$"):  # fmt: skip
@@ -209,7 +212,7 @@ def test_a_method_that_shrinks_weights_is_weighed_by_the_bytes_it_frees(slim):
 
 
 def test_without_the_slim_method_nothing_reaches_that_budget():
-    lightest = estimate(_wide(), (3, 16, 16), 8, device="gtx750-1gb", methods=["step-in-backward"])
+    lightest = estimate(_wide(), (3, 16, 16), 8, device="gtx750-1gb", methods=LIGHTEST)
     with pytest.raises(BudgetError):
         plan_for(_wide(), (3, 16, 16), 8, "gtx750-1gb", budget_bytes=lightest.predicted.peak_device_bytes - 12 * MiB)
 
