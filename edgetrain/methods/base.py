@@ -58,12 +58,15 @@ class StepEffect:
     """A step-wide config as the planner models it: saved activations of dtype-keeping options
     scale by `activation_scale`, every activation is held for 1/`batch_divisor` of the batch at a
     time, `gradient_scale` and `state_scale` of the gradient and optimizer-state bytes are held at
-    the peak, the step takes `time_factor` times as long, and it risks `risk` ranks of accuracy."""
+    the peak, `param_copies` of the parameter bytes are held again as copies (autocast's
+    half-precision weights, saved for backward), the step takes `time_factor` times as long, and it
+    risks `risk` ranks of accuracy."""
 
     activation_scale: float = 1.0
     batch_divisor: int = 1
     gradient_scale: float = 1.0
     state_scale: float = 1.0
+    param_copies: float = 0.0
     time_factor: float = 1.0
     risk: int = 0
     reason: str = ""

@@ -61,6 +61,7 @@ class PrecisionHandler(MethodHandler):
         half = profile.fp16_gflops or profile.fp32_gflops
         return StepEffect(
             activation_scale=0.5,
+            param_copies=0.5,  # each weight cast once per forward, the copy saved for backward
             time_factor=0.5 + 0.5 * profile.fp32_gflops / half,  # the compute share speeds up, traffic halves
             risk=config.risk,
             reason=f"{config.dtype}: the device computes it faster and saved activations halve",  # type: ignore[attr-defined]

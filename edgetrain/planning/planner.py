@@ -18,6 +18,7 @@ from torch import nn
 
 from edgetrain.core.step import StepSpec
 from edgetrain.devices.profile import DeviceProfile
+from edgetrain.errors import ConfigError
 from edgetrain.levels import CHANGE_LEVELS, DEFAULT_ALLOW
 from edgetrain.methods.base import (
     MethodConfig,
@@ -26,6 +27,7 @@ from edgetrain.methods.base import (
     handler_for,
     planned_handlers,
     spec_of,
+    step_settings_for,
 )  # fmt: skip
 from edgetrain.planning.estimate import Estimate
 from edgetrain.planning.knapsack import knapsack, pareto
@@ -67,7 +69,8 @@ class StepWide:
         are all held, whatever frees them later; and the largest gradient is whole at some time."""
         scale = 1.0 if self.divisor > 1 else math.prod(e.gradient_scale for e in self.effects)
         grads = max(int(f.gradients * scale), min(f.gradients, largest_gradient))
-        return f.params + grads + int(f.state * math.prod(e.state_scale for e in self.effects))
+        copies = int(f.params * sum(e.param_copies for e in self.effects))
+        return f.params + copies + grads + int(f.state * math.prod(e.state_scale for e in self.effects))
 
     def activations(self, nbytes: int, keeps_dtype: bool = True) -> int:
         """Saved bytes under this setting (dtype-keeping ones scale with the precision)."""
@@ -78,12 +81,17 @@ class StepWide:
 
 
 def step_wide_options(profile: DeviceProfile, batch_size: int, has_bn: bool = True) -> list[StepWide]:
-    """Every combination of one config or none per step-wide method (registration order: the
-    first varies slowest), from no change at all to every method at its most saving."""
+    """Every combination of one config or none per step-wide method that a step accepts
+    (registration order: the first varies slowest), from no change at all to every method at its
+    most saving."""
     per_method = [[None, *h.step_candidates(profile, batch_size)] for h in planned_handlers("step")]
     out = []
     for combo in itertools.product(*per_method):
         configs = tuple(c for c in combo if c is not None)
+        try:
+            step_settings_for(list(configs))
+        except ConfigError:  # a combination a step refuses (the step in backward with fp16's loss scaling)
+            continue
         effects = tuple(handler_for(c).step_effect(c, profile, has_bn) for c in configs)
         out.append(StepWide(configs, effects))
     return out

@@ -222,16 +222,19 @@ VERIFY_TRIES = 5  # the linear model errs most where a peak moves into backward 
 
 
 def _verify(planner: Planner, g: StepWide, got: tuple, budget: int, exact) -> tuple[Choices, Estimate, float] | None:
-    """Exact estimate of the plan; on overshoot solve again with the overshoot taken off (VERIFY_TRIES)."""
-    target = budget
+    """Exact estimate of the plan; on overshoot solve again with the overshoot taken off (VERIFY_TRIES),
+    while that gives another plan."""
+    target, last = budget, None
     for _ in range(VERIFY_TRIES):
         chosen, _, factor = got
+        if chosen == last:  # solving lower gave the same plan: it goes no lower in this setting
+            return None
         cand = planner.to_choices(g, chosen)
         est = exact(cand)
-        over = est.predicted.peak_device_bytes - budget
-        if over <= 0:
+        peak = est.predicted.peak_device_bytes
+        if peak <= budget:
             return cand, est, factor
-        target -= over + budget // 100
+        last, target = chosen, target - (peak - budget) - budget // 100
         got = planner.solve(g, target)
         if got is None:
             return None

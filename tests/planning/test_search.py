@@ -168,3 +168,13 @@ def test_the_frontier_is_the_pareto_front_of_the_candidates_with_the_chosen_plan
                        for q in pts if not q.get("chosen"))  # fmt: skip
     assert min(p["peak_device_bytes"] for p in front) < 0.5 * plain[0]["peak_device_bytes"]
     assert Plan.from_dict(plan.to_dict()).frontier == pts  # it round-trips with the plan
+
+
+def test_step_wide_settings_are_only_those_a_step_accepts():
+    """fp16's loss scaling must see every gradient first: never offered with the step in backward."""
+    from edgetrain.devices.store import get_device
+    from edgetrain.planning.planner import step_wide_options
+
+    labels = [g.label() for g in step_wide_options(get_device("jetson-nano"), 64)]
+    assert any("precision:dtype=fp16" in x for x in labels) and any("step-in-backward" in x for x in labels)
+    assert not [x for x in labels if "precision:dtype=fp16" in x and "step-in-backward" in x]
