@@ -9,8 +9,7 @@ Units and options come from the registered handlers whose `plan_scope` is "unit"
 methods/base.py): a handler says which modules are units of which kind and which configs it
 offers there. Each option is applied to every unit that has it, in one fake forward pass (plain:
 a whole fake training step); the tracker's records created during a unit's forward and still
-held when forward ends are that unit's saved bytes under that option. An option that changes only
-single layers (`_layer_only`) is priced on each such layer run alone. `None` is the plain option.
+held when forward ends are that unit's saved bytes under that option. `None` is the plain option.
 """
 
 from __future__ import annotations
@@ -19,14 +18,12 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from edgetrain.core.step import OPTIMIZERS, StepSpec
 from edgetrain.devices.profile import DeviceProfile
-from edgetrain.memory.measure import fake_copy, flop_hooks, shell_copy, tracked_step
+from edgetrain.memory.measure import flop_hooks, shell_copy, tracked_step
 from edgetrain.memory.predict import quiet_fake_tensor_log
 from edgetrain.memory.tracker import MemoryTracker
 from edgetrain.methods.base import (
@@ -137,9 +134,7 @@ def unit_table(
             u.options = tuple(o for o in u.options if o is None or keep(o))
     every = list(dict.fromkeys(o for u in units for o in u.options))
     derived = {o: handler_for(o).derived_from(o) for o in every if o is not None and handler_for(o).derived_from(o)}
-    alone = [o for o in every if o not in derived and _layer_only(o, units)]
-    table = _measure(model, spec, units, [o for o in every if o not in derived and o not in alone])
-    _measure_alone(model, spec, units, alone, table)
+    table = _measure(model, spec, units, [o for o in every if o not in derived])
     for o, sources in derived.items():  # a floor: the least of its sources' all-option peaks (what
         peaks = [table["acts"][s] for s in sources if s in table["acts"]]  # they share: the codec's transient)
         if peaks:
@@ -156,17 +151,10 @@ def unit_table(
     return UnitTable(units, table["acts"], fixed_of(model, spec.optimizer), sum(table["flops"].values()), largest)
 
 
-def _layer_only(option: Option, units: list[Unit]) -> bool:
-    """Whether `option` changes only the layers it is offered on, each a unit of its own (a wide
-    linear layer made U·V): it is priced on each such layer alone, not with a step of its own."""
-    return option is not None and option.structural and all(u.kind == "layer" for u in units if option in u.options)
-
-
 def _measure(model: nn.Module, spec: StepSpec, units: list[Unit], options: list[Option]) -> dict[str, dict]:
     """One fake forward per option (plain: step): {"acts": option -> peak less fixed bytes, "saved": (unit, option)
-    -> saved bytes, "flops": module -> forward FLOPs, "fixed": (unit, option) -> `Fixed`,
-    "inputs": layer unit -> its input in the plain step}."""
-    out: dict[str, dict] = {"acts": {}, "saved": {}, "flops": {}, "fixed": {}, "inputs": {}}
+    -> saved bytes, "flops": module -> forward FLOPs, "fixed": (unit, option) -> `Fixed`}."""
+    out: dict[str, dict] = {"acts": {}, "saved": {}, "flops": {}, "fixed": {}}
     for option in options:
         out["acts"][option] = _measure_option(model, spec, units, option, out, out["flops"] if option is None else None)
     return out
@@ -181,8 +169,6 @@ def _measure_option(model: nn.Module, spec: StepSpec, units: list[Unit], option:
     )
     ranges: dict[str, list[int]] = {}
     hooks = _range_hooks(m, units, ranges) + (flop_hooks(m, flops) if flops is not None else [])
-    if option is None:
-        hooks += _input_hooks(m, [u.name for u in units if u.kind == "layer"], out["inputs"])
     one = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, micro_batches=1))
     try:
         with quiet_fake_tensor_log():
@@ -196,58 +182,6 @@ def _measure_option(model: nn.Module, spec: StepSpec, units: list[Unit], option:
         out["saved"][(u.name, option)] = sum(rep.sizes[r] for r in range(a, b) if rep.categories[r] == "activations")
         out["fixed"][(u.name, option)] = fixed_of(mods[u.name], spec.optimizer)
     return rep.peak_bytes - fixed_of(m, spec.optimizer).total
-
-
-def _input_hooks(model: nn.Module, names: list[str], inputs: dict[str, torch.Tensor]) -> list:
-    """Keep, for each named layer, a meta twin of the input of its first call (shape, dtype, grad)."""
-
-    def pre(mod, args, name):
-        if name not in inputs and args and isinstance(args[0], torch.Tensor):
-            x = args[0]
-            inputs[name] = torch.empty(x.shape, dtype=x.dtype, device="meta").requires_grad_(x.requires_grad)
-
-    mods = dict(model.named_modules())
-    return [mods[n].register_forward_pre_hook(lambda m, a, n=n: pre(m, a, n)) for n in names if n in mods]
-
-
-def _measure_alone(model: nn.Module, spec: StepSpec, units: list[Unit], options: list[Option], out: dict) -> None:
-    """Price `options` (`_layer_only`) on each layer that has them, run alone on its plain input:
-    its saved bytes are plain's plus what the option's forward keeps beyond plain's forward of the
-    same layer; the all-option peak is plain's moved by the changes summed."""
-    plain: dict[str, int] = {}
-    for option in options:
-        moved = 0
-        for u in (u for u in units if option in u.options and u.name in out["inputs"]):
-            x = out["inputs"][u.name]
-            if u.name not in plain:
-                plain[u.name] = _kept_alone(model.get_submodule(u.name), x)
-            m = _changed(model, u.name, option)
-            kept = _kept_alone(m.get_submodule(u.name), x)
-            out["saved"][(u.name, option)] = out["saved"][(u.name, None)] + kept - plain[u.name]
-            out["fixed"][(u.name, option)] = fixed_of(m.get_submodule(u.name), spec.optimizer)
-            moved += kept - plain[u.name]
-        out["acts"][option] = out["acts"][None] + moved
-
-
-def _changed(model: nn.Module, name: str, option: MethodConfig) -> nn.Module:
-    """A shell copy of `model` with `option` applied to layer `name` (fresh factors: shapes only)."""
-    m = shell_copy(model)
-    apply_plan_(m, Choices(layers={name: option}).for_shapes())
-    return m
-
-
-def _kept_alone(layer: nn.Module, x: torch.Tensor) -> int:
-    """Bytes `layer` keeps from its forward for backward, run alone under fake tensors on an input
-    like `x` (what it returns is not counted: the layer after it decides that)."""
-    mode = FakeTensorMode()
-    layer = fake_copy(layer, mode).train()
-    with quiet_fake_tensor_log(), mode:
-        inp = torch.empty(x.shape, dtype=x.dtype).requires_grad_(x.requires_grad)
-        inp = inp.clone() if x.requires_grad else inp  # not a leaf: an in-place first op (ReLU) may run
-        with MemoryTracker() as tr:
-            before = tr.live_bytes
-            total = layer(inp).sum()
-            return tr.live_bytes - before - total.untyped_storage().nbytes()
 
 
 def fixed_of(module: nn.Module, optimizer: str) -> Fixed:
