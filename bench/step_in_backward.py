@@ -1,7 +1,7 @@
 """The levers on gradients and optimizer state against the plain step: the optimizer step fused
 into backward (`step-in-backward`), and the state kept in bf16 or int8 (`optim-state`).
 
-    .venv/bin/python bench/step_in_backward.py [--quick] [--levers step|state]
+    .venv/bin/python bench/step_in_backward.py [--quick] [--levers step|state] [--cases resnet18,vgg11_bn]
 
 For resnet18 (b32) and vgg11_bn (b8) at 224 px, SGD with momentum and AdamW, side by side in one
 run: the whole step's tensor-level peak (predicted with fake tensors, and measured on a real
@@ -70,13 +70,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
     ap.add_argument("--levers", choices=sorted(LEVERS), default="step")
+    ap.add_argument("--cases", default="resnet18,vgg11_bn", help="models to run (of resnet18, vgg11_bn)")
     args = ap.parse_args()
     print("optimizer step in backward vs plain, 224 px (tensor peak: predicted / measured; process: fresh-process "
           "peak RSS against the host-side prediction; time: median of interleaved steps)")  # fmt: skip
     print(f"{'case':<14} {'opt':<6} {'method':<40} {'pred MiB':>9} {'meas MiB':>9} {'x plain':>8} "
           f"{'RSS MiB':>8} {'RSS err':>8} {'x plain':>8} {'step s':>7} {'x plain':>8}")  # fmt: skip
     rows = []
-    for model_name, batch in CASES:
+    for model_name, batch in [c for c in CASES if c[0] in args.cases.split(",")]:
         for optimizer in ("sgd", "adamw"):
             for r in case_rows(model_name, batch, optimizer, 2 if args.quick else 5, LEVERS[args.levers]):
                 rows.append(r)

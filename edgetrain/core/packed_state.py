@@ -91,7 +91,7 @@ def packed_state(optimizer: torch.optim.Optimizer, name: str) -> Iterator[None]:
         return
     codec_for(name)
     _restore_dtypes(optimizer)
-    step = type(optimizer).step
+    step, kept = optimizer.step, optimizer.__dict__.get("step")  # an LR scheduler's counting wrapper, if any
 
     largest = max((p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad), default=0)
     scratch: dict = {"numel": largest}  # the unpacked state of the parameter being stepped, by key
@@ -100,14 +100,17 @@ def packed_state(optimizer: torch.optim.Optimizer, name: str) -> Iterator[None]:
         for p in [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]:
             with _only(optimizer, p):
                 unpack_state(optimizer.state[p], p, scratch)
-                step(optimizer, *args, **kwargs)
+                step(*args, **kwargs)
                 pack_state(optimizer.state[p], name, p)
 
     optimizer.step = step_each  # type: ignore[method-assign]  # what a GradScaler and the hooks call
     try:
         yield
     finally:
-        del optimizer.step
+        if kept is None:
+            del optimizer.step
+        else:
+            optimizer.step = kept  # type: ignore[method-assign]
 
 
 def _restore_dtypes(optimizer: torch.optim.Optimizer) -> None:

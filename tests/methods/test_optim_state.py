@@ -188,3 +188,17 @@ def test_fp16_loss_scaling_steps_through_the_packed_state():
         weights.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
     start = torch.cat([p.detach().flatten() for p in net.parameters()])
     assert 0 < (weights[1] - weights[0]).norm() <= 0.01 * (weights[0] - start).norm()
+
+
+def test_an_lr_schedule_sees_every_step_and_keeps_its_wrapper(recwarn):
+    """A scheduler wraps `optimizer.step` to count calls: the packed stepping calls through it and
+    puts it back, so it neither warns nor loses its wrapper."""
+    model = _net()
+    opt = make_optimizer("sgd", model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    wrapper = opt.step
+    for _ in range(2):
+        train_step(model, *_data(), opt, StepSettings(optimizer_state="int8"))
+        sched.step()
+    assert opt.step == wrapper and opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message) or "overridden" in str(w.message)]
