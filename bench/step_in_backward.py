@@ -72,7 +72,8 @@ def main() -> None:
     ap.add_argument("--levers", choices=sorted(LEVERS), default="step")
     ap.add_argument("--cases", default="resnet18,vgg11_bn", help="models to run (of resnet18, vgg11_bn)")
     args = ap.parse_args()
-    print("optimizer step in backward vs plain, 224 px (tensor peak: predicted / measured; process: fresh-process "
+    what = "optimizer step in backward" if args.levers == "step" else "optimizer state kept packed"
+    print(f"{what} vs plain, 224 px (tensor peak: predicted / measured; process: fresh-process "
           "peak RSS against the host-side prediction; time: median of interleaved steps)")  # fmt: skip
     print(f"{'case':<14} {'opt':<6} {'method':<40} {'pred MiB':>9} {'meas MiB':>9} {'x plain':>8} "
           f"{'RSS MiB':>8} {'RSS err':>8} {'x plain':>8} {'step s':>7} {'x plain':>8}")  # fmt: skip
