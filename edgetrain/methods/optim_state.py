@@ -41,6 +41,9 @@ class Bf16State:
         out.view(-1).copy_(parts["v"].view(torch.bfloat16).view(-1))
 
 
+BF16 = Bf16State()
+
+
 class Int8State:
     """Signed state in int8 with a scale per block; second moments (`*_sq`) in bf16 (see above).
     Packed and unpacked a chunk at a time: the temporaries stay a few MiB whatever the layer."""
@@ -50,7 +53,7 @@ class Int8State:
 
     def pack(self, key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
         if key.endswith("_sq"):
-            return Bf16State().pack(key, value)
+            return BF16.pack(key, value)
         flat = value.detach().flatten()
         q = torch.empty(-(-flat.numel() // BLOCK) * BLOCK, dtype=torch.int8, device=value.device)
         scale = torch.empty(q.numel() // BLOCK, 1, dtype=torch.float32, device=value.device)  # (B, 1)
@@ -66,7 +69,7 @@ class Int8State:
 
     def unpack(self, key: str, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None:
         if key.endswith("_sq"):
-            return Bf16State().unpack(key, parts, out)
+            return BF16.unpack(key, parts, out)
         q, scale, flat = parts["q"].view(-1, BLOCK), parts["s"], out.view(-1)
         for i in _passes(q.shape[0], self.chunk, out):
             part = flat[i * BLOCK : (i + self.chunk) * BLOCK]
@@ -82,7 +85,7 @@ def _passes(blocks: int, chunk: int, t: torch.Tensor) -> range:
     return range(0, min(blocks, chunk) if is_fake(t) else blocks, chunk)
 
 
-register_state_codec("bf16", Bf16State())
+register_state_codec("bf16", BF16)
 register_state_codec("int8", Int8State())
 
 

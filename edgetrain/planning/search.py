@@ -146,9 +146,10 @@ def _search(
 NEAR = 1.15  # the linear model's peak errs by a few % (recompute, ops' inner copies): beyond this, it does not fit
 
 
-def _near(planner: Planner, budget: int) -> bool:
-    """Whether the lightest plan as modelled comes within NEAR of `budget` (worth an exact check)."""
-    least = min(planner.least_peak(g) for g in planner.settings())
+def _near(planner: Planner, budget: int, g: StepWide | None = None) -> bool:
+    """Whether the lightest plan as modelled (under setting `g`, or any) comes within NEAR of `budget`:
+    worth an exact check."""
+    least = planner.least_peak(g) if g is not None else min(planner.least_peak(s) for s in planner.settings())
     return planner.device_bytes(least) <= budget * NEAR
 
 
@@ -169,7 +170,7 @@ def _first_fit(
         got = planner.solve(g, budget)
         if got is None:
             rows.append({"plan": g.label() + " (nothing fits)", "fits": False})
-            if planner.device_bytes(planner.least_peak(g)) <= budget * NEAR:
+            if _near(planner, budget, g):
                 missed.append((planner.global_cost(g)[0], g))
             continue
         found.append((got[1], g, got))
@@ -312,7 +313,7 @@ def _cheapest_lightest(planner: Planner, budget: int, exact) -> tuple[StepWide, 
     cheapest settings whose modelled least peak comes near the budget (an exact lever before a lossy
     one), then the settings lightest as modelled; the first that fits, else the lowest found (the
     linear model ranks the lightest plans only roughly: their transients are not in it)."""
-    near = [g for g in planner.settings() if planner.device_bytes(planner.least_peak(g)) <= budget * NEAR]
+    near = [g for g in planner.settings() if _near(planner, budget, g)]
     cheapest = sorted(near, key=lambda g: planner.global_cost(g)[0])[:TRIES]
     lightest = sorted(planner.settings(), key=planner.least_peak)[:TRIES]
     tried = []
