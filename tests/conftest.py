@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from edgetrain.cli.main import main
+os.environ.setdefault("EDGETRAIN_FUSED", "off")  # compiles cost seconds a codec: tests/methods/test_fused.py has them
+from edgetrain.cli.main import main  # noqa: E402
 
 _REAL_CACHE = Path.home() / ".cache" / "edgetrain"
 

@@ -7,8 +7,10 @@
   `bits` bits, plus a 1-bit mask that restores exact zeros (ReLU outputs).
 - `pack_mask`: a boolean map at 1 bit per element (what a ReLU's backward needs).
 
-Every codec is plain torch ops (CPU and CUDA, no toolchain) and runs under fake tensors, so the
-predictor measures the packed sizes exactly.
+Every codec is plain torch ops (CPU and CUDA, no toolchain), worked through in chunks so that its
+temporaries stay small, and runs under fake tensors, so the predictor measures the packed sizes
+exactly. Where a compiler works, `quantize` and `dequantize` run as fused kernels (`fused`): the same
+bytes, the same codes for the same random bytes, a few times faster.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
+
+from edgetrain.methods import fused
 
 META_DTYPE = torch.bfloat16  # min and scale per group: 4 bytes a group
 
@@ -78,14 +83,15 @@ class Packed:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
-def uniform_noise(shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """U[0, 1) in steps of 1/256, centred (k + 0.5) / 256: seven random bytes from every 64-bit draw,
-    3.5x cheaper than `torch.rand` on a CPU. Stochastic rounding with it is biased by at most
-    1/512 of a quantization step."""
-    n = shape.numel()
-    r = torch.empty(-(-n // 7), dtype=torch.int64, device=device).random_()  # [0, 2**63): 7 full bytes each
-    u8 = r.view(torch.uint8).view(-1, 8)[:, :7].reshape(-1)[:n]  # little-endian: the top byte is dropped
-    return u8.float().add_(0.5).mul_(1 / 256).view(shape)
+CHUNK_GROUPS = 1024  # the eager codec works through this many groups at a time: ~1 MiB temporaries
+
+
+def noise_bytes(n: int, device: torch.device) -> torch.Tensor:
+    """n random bytes, uniform on 0..255, from n / 8 full 64-bit draws (one generator call per 8
+    bytes: far cheaper than `torch.rand` on a CPU). Stochastic rounding adds (byte + 0.5) / 256,
+    which is biased by at most 1/512 of a quantization step."""
+    r = torch.empty(-(-n // 8), dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    return r.view(torch.uint8)[:n]
 
 
 def _round_out(lo: torch.Tensor, width: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,36 +106,79 @@ def _round_out(lo: torch.Tensor, width: torch.Tensor, levels: int) -> tuple[torc
 
 
 def _groups(x: torch.Tensor, group: int) -> torch.Tensor:
-    flat = x.detach().reshape(-1).float()
+    """x flat in its own dtype, padded to whole groups: (G, group), a view unless padded."""
+    flat = x.detach().reshape(-1)
     pad = (-flat.numel()) % group
     return (F.pad(flat, (0, pad)) if pad else flat).view(-1, group)  # (G, group)
+
+
+def _chunks(n_groups: int, t: torch.Tensor) -> list[tuple[int, int]]:
+    """Group ranges the eager codec works through; under fake tensors only the first, whose
+    temporaries are every chunk's (the predictor needs the bytes, not the values)."""
+    starts = range(0, n_groups, CHUNK_GROUPS)
+    spans = [(a, min(a + CHUNK_GROUPS, n_groups)) for a in starts]
+    return spans[:1] if isinstance(t, FakeTensor) else spans
 
 
 def quantize(x: torch.Tensor, bits: int, group: int = 256, stochastic: bool = True, zero_exact: bool = False) -> Packed:
     """Per-group min/max quantization. `zero_exact` (ReLU outputs): a 1-bit mask of the non-zeros
     rides along, so `decoded > 0` equals `x > 0` exactly (what ReLU's backward reads) while the
-    values stay unbiased (forcing positives to code >= 1 instead biased the mean: +42 % at 2 bits)."""
-    levels = 2**bits - 1
+    values stay unbiased (forcing positives to code >= 1 instead biased the mean: +42 % at 2 bits).
+    A fused kernel packs where one runs (`fused`); the eager chunks compute the same from the
+    same random bytes."""
     g = _groups(x, group)  # (G, group)
     lo, hi = torch.aminmax(g, dim=1)  # (G,)
-    lo_b, sc_b = _round_out(lo, hi - lo, levels)
-    inv = 1.0 / sc_b.float()
-    v = torch.addcmul((-lo_b.float() * inv)[:, None], g, inv[:, None])  # (G, group) in [0, levels]
-    # noise lies in [1/512, 1 - 1/512] and v in [0, levels] (bounds rounded outwards): no clamp needed
-    v.add_(uniform_noise(v.shape, v.device) if stochastic else 0.5).floor_()
-    codes = _pack_float(v, bits)
+    lo_b, sc_b = _round_out(lo.float(), hi.float() - lo.float(), 2**bits - 1)
+    lo_f, inv = lo_b.float(), 1.0 / sc_b.float()
+    noise = noise_bytes(g.numel(), g.device) if stochastic else None
+    got = fused.encode(g, lo_f, inv, noise, bits, zero_exact) if fused.usable(g) else None
+    codes, mask = got if got is not None else _encode_chunks(g, lo_f, inv, noise, bits, zero_exact)
     meta = torch.stack([lo_b, sc_b])  # (2, G) bf16
-    mask = (pack_mask(g != 0),) if zero_exact else ()
-    return Packed("quant", x.shape, x.dtype, (codes, meta, *mask), bits, group, zero_exact=zero_exact)
+    return Packed("quant", x.shape, x.dtype, (codes, meta, *([mask] if zero_exact else [])), bits, group,
+                  zero_exact=zero_exact)  # fmt: skip
+
+
+def _encode_chunks(g: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, noise: torch.Tensor | None, bits: int,
+                   zero_exact: bool) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """The eager codec, chunk by chunk, in the fused kernel's order of float ops."""
+    n_groups, group = g.shape
+    per = 8 // bits
+    codes = torch.empty(g.numel() // per, dtype=torch.uint8, device=g.device)
+    mask = torch.empty(g.numel() // 8, dtype=torch.uint8, device=g.device) if zero_exact else None
+    for a, b in _chunks(n_groups, g):
+        v = g[a:b].float() * inv[a:b, None] - lo[a:b, None] * inv[a:b, None]  # (c, group) in [0, levels]
+        u = (
+            noise[a * group : b * group].view(b - a, group).float() * (1 / 256) + 0.5 / 256
+            if noise is not None
+            else 0.5
+        )
+        codes[a * group // per : b * group // per] = _pack_float((v + u).floor(), bits)
+        if mask is not None:
+            mask[a * group // 8 : b * group // 8] = _pack_float((g[a:b] != 0).float(), 1)
+    return codes, mask
 
 
 def dequantize(p: Packed) -> torch.Tensor:
     codes, meta = p.tensors[:2]
-    q = _unpack_float(codes, p.bits).view(-1, p.group)  # (G, group)
-    x = torch.addcmul(meta[0].float()[:, None], q, meta[1].float()[:, None]).reshape(-1)  # (G * group,)
-    if p.zero_exact:
-        x = _apply_mask(x, p.tensors[2])
-    return x[: p.shape.numel()].view(p.shape).to(p.dtype)
+    mask = p.tensors[2] if p.zero_exact else None
+    lo, sc = meta[0].float(), meta[1].float()  # (G,)
+    x = fused.decode(codes, lo, sc, mask, p.bits, p.group, p.dtype) if fused.usable(codes) else None
+    if x is None:
+        x = _decode_chunks(codes, lo, sc, mask, p.bits, p.group, p.dtype)
+    return x[: p.shape.numel()].view(p.shape)
+
+
+def _decode_chunks(codes: torch.Tensor, lo: torch.Tensor, sc: torch.Tensor, mask: torch.Tensor | None, bits: int,
+                   group: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    per = 8 // bits
+    out = torch.empty(lo.numel() * group, dtype=dtype, device=codes.device)  # (G * group,)
+    for a, b in _chunks(lo.numel(), codes):
+        q = _unpack_float(codes[a * group // per : b * group // per], bits).view(b - a, group)
+        x = (lo[a:b, None] + q * sc[a:b, None]).view(-1)  # (c * group,)
+        if mask is not None:
+            x = _apply_mask(x, mask[a * group // 8 : b * group // 8])
+        out[a * group : b * group] = x
+    return out
 
 
 def _apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -144,7 +193,7 @@ def similar(
     """Base + delta: `block` neighbours share an 8-bit base (their mean); deltas at `bits` bits;
     a 1-bit mask restores exact zeros. About 8/block + bits + 1 bits an element. `zero_exact`
     (ReLU outputs): non-zeros decode positive, so `decoded > 0` equals `x > 0`."""
-    g = _groups(x, block)  # (B, block): runs of neighbours along the last axis
+    g = _groups(x, block).float()  # (B, block): runs of neighbours along the last axis
     base = g.mean(dim=1)  # (B,)
     pb = quantize(base, 8, max(1, group // block), stochastic)
     delta = g - dequantize(pb).float()[:, None]  # (B, block)

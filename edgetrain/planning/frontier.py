@@ -15,11 +15,11 @@ BUDGETS = 12  # budgets swept per step-wide setting (geometric, lightest to plai
 
 
 def frontier(planner: Planner, budgets: int = BUDGETS) -> list[dict[str, Any]]:
-    """Candidate plans as {plan, peak_device_bytes, time_factor, risk, front}, lightest first; each
-    distinct plan once (at its least modelled peak)."""
+    """Candidate plans as {plan, peak_device_bytes, time_factor, risk, front, choices}, lightest
+    first; each distinct plan once (at its least modelled peak); `choices` applies it (`Choices(**c)`)."""
     lo = min(planner.device_bytes(planner.least_peak(g)) for g in planner.settings())
     hi = planner.plain.predicted.peak_device_bytes
-    points: dict[str, dict[str, Any]] = {"plain": {"plan": "plain", "peak_device_bytes": hi, "time_factor": 1.0,
+    points: dict[str, dict[str, Any]] = {"plain": {"plan": "plain", "peak_device_bytes": hi, "time_factor": 1.0, "choices": {},
                                                     "risk": 0, "front": False}}  # fmt: skip
     for g in planner.settings():
         for budget in np.geomspace(max(lo, 1), max(hi, lo + 1), budgets):
@@ -33,7 +33,7 @@ def frontier(planner: Planner, budgets: int = BUDGETS) -> list[dict[str, Any]]:
             risk = max([0, *(int(c.risk) for c in choices.configs())])
             if label not in points or peak < points[label]["peak_device_bytes"]:
                 points[label] = {"plan": label, "peak_device_bytes": peak, "time_factor": round(factor, 4),
-                                 "risk": risk, "front": False}  # fmt: skip
+                                 "risk": risk, "front": False, "choices": choices.to_dict()}  # fmt: skip
     rows = sorted(points.values(), key=lambda r: (r["peak_device_bytes"], r["time_factor"]))
     best = float("inf")
     for r in rows:  # lightest first: on the front when faster than every lighter plan

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetrain.memory.plot import budget_lines, plot_timeline
+from edgetrain.methods import fused
 from edgetrain.models import create_model
 from edgetrain.planning.record import PlanRequest
 from edgetrain.planning.search import estimate_plan
@@ -38,6 +39,7 @@ def write_report(recipe, ev: Evaluation) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in recipe.model.parameters()),
         "trainable_parameters": sum(p.numel() for p in recipe.model.parameters() if p.requires_grad),
         "lowrank": recipe.conversion, "replans": recipe.replans, "memory_watch": _watch_summary(recipe),
+        "codec_compile_seconds": dict(fused.compile_seconds),  # paid once per codec, not per step
     }  # fmt: skip
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in recipe.history))
     _write_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
