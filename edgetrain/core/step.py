@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch.optim.optimizer import _get_scalar_dtype
 
 from edgetrain.core.packed_state import packed_state
 from edgetrain.errors import ConfigError
@@ -128,7 +129,12 @@ def train_step(
         for i, (xc, yc) in enumerate(zip(x.chunk(n), y.chunk(n), strict=True)):
             loss = forward_pass(model, xc, yc, settings, tr, xc.shape[0] / x.shape[0])
             last = settings.step_in_backward and i == n - 1
-            with tr.in_phase("backward"), _step_in_backward(model, optimizer) if last else contextlib.nullcontext():
+            with (
+                tr.in_phase("backward"),
+                _step_in_backward(model, optimizer, chunked=settings.optimizer_state == "fp32")
+                if last
+                else contextlib.nullcontext(),
+            ):
                 (scaler.scale(loss) if scaler else loss).backward()
             total = total + loss.detach()
         tr.track((p.grad for p in model.parameters()), "gradients")
@@ -163,13 +169,14 @@ def forward_pass(
 
 
 @contextlib.contextmanager
-def _step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer):
+def _step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer, chunked: bool = True):
     """Update each trainable parameter as soon as its gradient is complete, then free the gradient.
 
     `optimizer.step()` updates only parameters that have a gradient, and each one's update reads
     only its own gradient and state, so stepping one at a time is the same update as one step at the
     end (SGD with momentum and weight decay, AdamW): exact. The autograd engine sums every use of a
-    parameter before its accumulate hook runs, so shared weights are stepped once."""
+    parameter before its accumulate hook runs, so shared weights are stepped once. `chunked`: large
+    parameters of Adam/AdamW are stepped in pieces (`_step_in_chunks`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
 
@@ -178,8 +185,12 @@ def _step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer):
         others = [(q, q.grad) for q in params if q is not p and q.grad is not None]
         for q, _ in others:
             q.grad = None
-        with _in_place_weight_decay(optimizer, group_of.get(id(p), {}), p):  # {}: not the optimizer's
-            optimizer.step()
+        group = group_of.get(id(p), {})  # {}: not the optimizer's
+        if chunked and _chunkable(optimizer, group, p):
+            _step_in_chunks(optimizer, group, p)
+        else:
+            with _in_place_weight_decay(optimizer, group, p):
+                optimizer.step()
         p.grad = None
         for q, g in others:
             q.grad = g
@@ -190,6 +201,42 @@ def _step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer):
     finally:
         for h in handles:
             h.remove()
+
+
+CHUNK_NUMEL = 1 << 20  # Adam's update in backward works through a larger parameter this many elements at a time
+
+
+def _chunkable(optimizer: torch.optim.Optimizer, group: dict, p: torch.Tensor) -> bool:
+    plain_adam = isinstance(optimizer, torch.optim.Adam) and not any(
+        group.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable", "fused")
+    )
+    dense = p.grad is not None and p.is_contiguous() and p.grad.is_contiguous() and not p.grad.is_sparse
+    return bool(group) and plain_adam and dense and p.numel() > CHUNK_NUMEL
+
+
+def _step_in_chunks(optimizer: torch.optim.Optimizer, group: dict, p: torch.Tensor) -> None:
+    """Adam's update makes temporaries as large as the parameter (its denominator), at the activation
+    peak when stepping in backward: vgg11_bn's 400 MB classifier weight made the step-in-backward
+    peak 18 % higher than plain. The parameter is stepped as views of `CHUNK_NUMEL` elements instead,
+    each with its own copy of the step count, by the optimizer's own `step` (same arithmetic,
+    elementwise), so the temporaries are a chunk's."""
+    state = optimizer.state[p]
+    if not state:  # as Adam's lazy initialisation makes it
+        state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    flat = [t.detach().view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+    kept, step = group["params"], state["step"]
+    try:
+        for a in range(0, p.numel(), CHUNK_NUMEL):
+            view, grad, m, v = (t[a : a + CHUNK_NUMEL] for t in flat)
+            view.grad = grad
+            optimizer.state[view] = {"step": step.clone(), "exp_avg": m, "exp_avg_sq": v}
+            group["params"] = [view]
+            optimizer.step()
+            state["step"] = optimizer.state.pop(view)["step"]
+    finally:
+        group["params"] = kept
 
 
 @contextlib.contextmanager
