@@ -106,7 +106,7 @@ def measure_case(name: str, batch: int, repeat: int) -> list[dict]:
     """plain, edgetrain's front plans and checkpoint-everything in this process; torch SAC in children."""
     frontier, front = front_points(name, batch, POINTS)
     x, y = batch_of(batch)
-    variants = [("plain", "plain", None, None), ("checkpoint-everything", "peer", None, ["checkpoint"])]
+    variants = [("plain", "plain", None, None), ("checkpoint-everything", "peer", None, ["checkpoint"])]  # fmt: skip
     variants += [(r["plan"], "edgetrain", r, None) for r in front]
     rows, steps = [], []
     for label, kind, row, methods in variants:
@@ -189,9 +189,22 @@ def best_at(rows: list[dict], limits=(1.1, 1.3, 2.0)) -> list[str]:
     out = []
     for lim in limits:
         ok = [r for r in rows if r["time_ratio"] <= lim and r["peak_ratio"] == r["peak_ratio"]]
-        best = min(ok, key=lambda r: r["peak_ratio"])
+        best = min(ok, key=lambda r: r["peak_ratio"])  # plain itself at worst
         out.append(f"  at <= {lim:.1f}x time: {1 / best['peak_ratio']:.2f}x lower peak ({best['method'][:70]})")
     return out
+
+
+def measured_front(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats on both peak and time, lightest first."""
+    ok = sorted(
+        (r for r in rows if r["peak_ratio"] == r["peak_ratio"]), key=lambda r: (r["peak_ratio"], r["time_ratio"])
+    )
+    front, best = [], float("inf")
+    for r in ok:
+        if r["time_ratio"] < best:
+            front.append(r)
+            best = r["time_ratio"]
+    return front
 
 
 def plot(cases: dict[str, list[dict]], path: Path) -> None:
@@ -199,29 +212,42 @@ def plot(cases: dict[str, list[dict]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 5), squeeze=False)
-    style = {"edgetrain": ("o-", "#1f77b4", "edgetrain plans (front)"), "peer": ("s", "#2ca02c", "checkpoint-everything"),
-             "torch": ("^", "#d62728", "torch.compile + activation_memory_budget"), "plain": ("*", "k", "plain")}  # fmt: skip
+    from edgetrain.cli.plan import _short
+
+    fig, axes = plt.subplots(1, len(cases), figsize=(6.5 * len(cases), 5.6), squeeze=False)
+    style = {"edgetrain": ("o", "#1f77b4", "edgetrain plans (--allow lossy)"),
+             "peer": ("s", "#2ca02c", "checkpoint-everything"),
+             "torch": ("^", "#d62728", "torch.compile + activation_memory_budget"), "plain": ("*", "k", "plain (eager)")}  # fmt: skip
     for ax, (case, rows) in zip(axes[0], cases.items(), strict=True):
+        mine = [r for r in rows if r["kind"] in ("edgetrain", "plain")]
+        front = measured_front(mine)
+        ax.plot([r["time_ratio"] for r in front], [r["peak_ratio"] for r in front], "-", color="#1f77b4", lw=1.2,
+                alpha=0.6, label="edgetrain's measured front")  # fmt: skip
         for kind, (marker, color, label) in style.items():
-            pts = sorted((r for r in rows if r["kind"] == kind and r["peak_ratio"] == r["peak_ratio"]),
-                         key=lambda r: r["peak_ratio"])  # fmt: skip
-            ax.plot([r["time_ratio"] for r in pts], [r["peak_ratio"] for r in pts], marker, color=color, ms=7,
-                    label=label)  # fmt: skip
-            for r in pts if kind == "torch" else []:
-                ax.annotate(r["method"].replace("torch SAC ", ""), (r["time_ratio"], r["peak_ratio"]), fontsize=7,
-                            xytext=(4, 4), textcoords="offset points", color=color)  # fmt: skip
+            pts = [r for r in rows if r["kind"] == kind and r["peak_ratio"] == r["peak_ratio"]]
+            ax.scatter([r["time_ratio"] for r in pts], [r["peak_ratio"] for r in pts], marker=marker, color=color,
+                       s=110 if kind == "plain" else 40, label=label, zorder=4)  # fmt: skip
+            for i, r in enumerate(pts if kind in ("edgetrain", "torch") else []):
+                text = r["method"].replace("torch SAC ", "SAC ") if kind == "torch" else _short(r["method"], 30)
+                ax.annotate(text, (r["time_ratio"], r["peak_ratio"]), fontsize=6.5, color=color,
+                            xytext=(5, 5 if i % 2 else -9), textcoords="offset points")  # fmt: skip
         ax.axvline(1.3, color="#999999", ls=":", lw=1)
         ax.axhline(1 / 8, color="#999999", ls="--", lw=1)
-        ax.text(ax.get_xlim()[1], 1 / 8, " 8x lower", va="center", ha="right", fontsize=7, color="#666666")
+        ax.text(ax.get_xlim()[0], 1 / 8, " 8x lower", va="bottom", ha="left", fontsize=7, color="#666666")
         ax.set_yscale("log")
-        ax.set_xlabel("step time (x eager plain)")
-        ax.set_ylabel("whole-step tensor peak (x plain)")
-        ax.set_title(f"{case} 224px: measured", fontsize=10)
+        ax.set_yticks([t for t in (0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0) if t >= ax.get_ylim()[0]])
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        plain_mib = rows[0]["peak"] / MiB
+        ax.set_xlabel("step time (x eager plain, same process)")
+        ax.set_ylabel(f"whole-step tensor peak (x plain = {plain_mib:,.0f} MiB)")
+        ax.set_title(f"{case} 224px, SGD: measured on a 2-core CPU", fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -229,10 +255,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
     ap.add_argument("--cases", default=",".join(n for n, _ in CASES))
+    ap.add_argument("--replot", action="store_true", help="draw bench/frontier.png again from bench/out/frontier.json")
     ap.add_argument("--sac-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.sac_child:
         return sac_child(*json.loads(args.sac_child))
+    if args.replot:
+        rows = json.loads((HERE / "out" / "frontier.json").read_text())["rows"]
+        cases = {}
+        for r in rows:
+            cases.setdefault(f"{r['model']} b{r['batch']}", []).append(r)
+        return plot(cases, HERE / "frontier.png")
     repeat = 2 if args.quick else 3
     all_rows, cases, frontiers = [], {}, {}
     for name, batch in [c for c in CASES if c[0] in args.cases.split(",")]:

@@ -167,7 +167,8 @@ def frontier_figure(plan):
 def _short(plan: str, n: int = 34) -> str:
     """A plan's summary cut for a label: methods abbreviated, at most `n` characters."""
     for long, short in (("microbatch:micro_batches=", "mb"), ("compress:bits=", "c"), ("checkpoint", "ckpt"),
-                        ("step-in-backward", "sib"), ("precision:dtype=", ""), ("tucker2:ratio=", "uv")):  # fmt: skip
+                        ("step-in-backward", "sib"), ("precision:dtype=", ""), ("tucker2:ratio=", "uv"),
+                        ("optim-state:dtype=", "state-")):  # fmt: skip
         plan = plan.replace(long, short)
     return plan if len(plan) <= n else plan[: n - 1] + "…"
 
