@@ -1,7 +1,7 @@
 """The activation codec alone (issue 21): pack + unpack time and temporaries, three ways, on the
 activation shapes of resnet18 b32 at 224 px.
 
-    .venv/bin/python bench/codec.py [--repeat 7]
+    .venv/bin/python bench/codec.py [--repeat 7] [--steps]
 
 - eager, whole tensor: the eager codec in one chunk (what it did before it worked in chunks:
   a dozen full-size float temporaries);
@@ -11,6 +11,7 @@ activation shapes of resnet18 b32 at 224 px.
 Time: medians of interleaved runs of quantize + dequantize. Peak: bytes of live tensors above the
 input while packing and unpacking (the packed bytes and the decoded tensor included: 1.0x the
 input is the floor), from the profiler's allocation events (they see compiled code).
+`--steps`: whole training steps of resnet18 b32 at 224 px, plain and 4 and 2 bits each way.
 Writes bench/codec.txt's rows to stdout.
 """
 
@@ -39,10 +40,42 @@ def round_trip(x: torch.Tensor, bits: int, zero_exact: bool) -> torch.Tensor:
     return packing.dequantize(packing.quantize(x, bits, 256, True, zero_exact))
 
 
+def step_table(repeat: int) -> None:
+    """Whole training steps, resnet18 b32 224 px, 4 and 2 bits: the three ways side by side."""
+    from edgetrain.core.step import make_optimizer, train_step
+    from edgetrain.methods.base import prepare
+    from edgetrain.models import create_model
+
+    model = create_model("resnet18")
+    x, y = torch.randn(32, 3, 224, 224), torch.randint(0, 10, (32,))
+    runs = []
+    for methods in ([], ["compress:bits=4"], ["compress:bits=2"]):
+        for way in WAYS if methods else ("eager, chunked",):
+            m, _, settings = prepare(model, methods)
+            opt = make_optimizer("sgd", m.parameters())
+            _set(way)
+            train_step(m, x, y, opt, settings)  # warm-up (and the compiles)
+            runs.append(("+".join(methods) or "plain", way if methods else "-", m, settings, opt))
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeat):
+        for i, (_, way, m, settings, opt) in enumerate(runs):
+            _set(way if way != "-" else "eager, chunked")
+            t0 = time.perf_counter()
+            train_step(m, x, y, opt, settings)
+            times[i].append(time.perf_counter() - t0)
+    plain = statistics.median(times[0])
+    print("\nwhole steps, resnet18 b32 224 px (SGD), interleaved, medians:")
+    for (label, way, *_), t in zip(runs, times, strict=True):
+        print(f"  {label:<18} {way:<20} {statistics.median(t):>6.2f} s  x{statistics.median(t) / plain:.2f} plain")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--steps", action="store_true", help="whole resnet18 steps instead of the codec alone")
     args = ap.parse_args()
+    if args.steps:
+        return step_table(min(args.repeat, 3))
     print(f"{'shape':<20} {'codec':<14} {'way':<20} {'ms':>8} {'x eager':>8} {'temp MiB':>9} {'x tensor':>9}")
     totals: dict[tuple, float] = {}
     for shape in SHAPES:
