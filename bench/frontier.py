@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from memtracker import allocator_peak
 
 from edgetrain.core.step import make_optimizer, optimizer_state_tensors, train_step
 from edgetrain.methods.base import prepare
@@ -46,22 +47,15 @@ SHAPE = (3, 224, 224)
 
 
 def profiled_peak(step, held: list[torch.Tensor]) -> int:
-    """Peak bytes of live tensors during `step()`: what is held going in, plus the highest running
-    sum of the profiler's allocation events (CPU allocator; compiled kernels' buffers included)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, n in events:
-        live += n
-        peak = max(peak, live)
+    """Peak bytes of live tensors during `step()`: what is held going in, plus the CPU allocator's
+    peak above it from the profiler's allocation events (compiled kernels' buffers included)."""
     seen, base = set(), 0
     for t in held:
         key = t.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)
             base += t.untyped_storage().nbytes()
-    return base + peak
+    return base + allocator_peak(step)
 
 
 def held_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer, *batch: torch.Tensor) -> list[torch.Tensor]:

@@ -167,7 +167,7 @@ class _MaskClamp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (bits,) = ctx.saved_tensors
-        return g * unpack_mask(bits, ctx.shape).to(g.dtype), None, None
+        return g * unpack_mask(bits, ctx.shape), None, None  # bool promotes: no float copy of the mask
 
 
 class _MaskDropout(torch.autograd.Function):
@@ -183,7 +183,7 @@ class _MaskDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (bits,) = ctx.saved_tensors
-        return g * unpack_mask(bits, ctx.shape).to(g.dtype) * ctx.scale, None
+        return g * unpack_mask(bits, ctx.shape) * ctx.scale, None
 
 
 class _CompactMaxPool(torch.autograd.Function):

@@ -56,14 +56,24 @@ def unpack_bits(p: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def pack_mask(m: torch.Tensor) -> torch.Tensor:
-    """A boolean tensor at 1 bit per element (padded to a whole byte)."""
-    flat = m.reshape(-1).float()
-    return _pack_float(F.pad(flat, (0, (-flat.numel()) % 8)), 1)
+    """A boolean tensor at 1 bit per element (padded to a whole byte), packed a chunk at a time so
+    that its float temporaries stay small (whole, they were two fp32 copies of the mask: a ReLU's
+    mask made the 2-bit step's peak)."""
+    flat = m.reshape(-1)
+    out = torch.empty(-(-flat.numel() // 8), dtype=torch.uint8, device=m.device)
+    for a, b in _chunks(flat.numel(), m, CHUNK_GROUPS * 256):  # chunks of a multiple of 8
+        part = flat[a:b].float()
+        out[a // 8 : -(-b // 8)] = _pack_float(F.pad(part, (0, (-part.numel()) % 8)), 1)
+    return out
 
 
 def unpack_mask(p: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The boolean tensor back, unpacked a chunk at a time (one byte an element, no fp32 copy)."""
     n = shape.numel()
-    return _unpack_float(p, 1)[:n].view(shape).bool()
+    out = torch.empty(n, dtype=torch.bool, device=p.device)
+    for a, b in _chunks(n, p, CHUNK_GROUPS * 256):
+        out[a:b] = _unpack_float(p[a // 8 : -(-b // 8)], 1)[: b - a] > 0
+    return out.view(shape)
 
 
 @dataclass
@@ -112,11 +122,12 @@ def _groups(x: torch.Tensor, group: int) -> torch.Tensor:
     return (F.pad(flat, (0, pad)) if pad else flat).view(-1, group)  # (G, group)
 
 
-def _chunks(n_groups: int, t: torch.Tensor) -> list[tuple[int, int]]:
-    """Group ranges the eager codec works through; under fake tensors only the first, whose
-    temporaries are every chunk's (the predictor needs the bytes, not the values)."""
-    starts = range(0, n_groups, CHUNK_GROUPS)
-    spans = [(a, min(a + CHUNK_GROUPS, n_groups)) for a in starts]
+def _chunks(n: int, t: torch.Tensor, size: int = 0) -> list[tuple[int, int]]:
+    """Ranges of `size` (default `CHUNK_GROUPS`) the eager codec works through, out of `n` groups or
+    elements; under fake tensors only the first, whose temporaries are every chunk's (the
+    predictor needs the bytes, not the values)."""
+    size = size or CHUNK_GROUPS
+    spans = [(a, min(a + size, n)) for a in range(0, n, size)]
     return spans[:1] if isinstance(t, FakeTensor) else spans
 
 

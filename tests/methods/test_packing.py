@@ -78,3 +78,20 @@ def test_similar_scheme_bounds_and_zeros():
     q2 = packing.dequantize(packing.quantize(x, 2, 256))
     assert (y - x).abs().mean() < 0.3 * (q2 - x).abs().mean()  # same delta bits: far finer than 2-bit
     assert p.nbytes() / (x.numel() * 4) < 0.18  # 2 + 2 + 1 bits an element and metadata
+
+
+def test_masks_pack_and_unpack_without_full_size_float_copies():
+    """A ReLU's mask is packed a chunk at a time: its temporaries are a chunk's, not two fp32
+    copies of the whole mask (which were the 2-bit step's forward peak)."""
+    from edgetrain.memory.tracker import MemoryTracker
+
+    m = torch.rand(16, 64, 128, 128) > 0.5  # 16M elements (a whole fp32 copy: 64 MiB), 64 chunks
+    chunk = packing.CHUNK_GROUPS * 256 * 4  # one chunk in fp32: 1 MiB
+    with MemoryTracker() as tr:
+        tr.track([m], "inputs")  # the tracker sees the mask's storage through the codec's views
+        p = packing.pack_mask(m)
+    assert tr.report().peak_bytes - m.numel() <= m.numel() // 8 + 8 * chunk
+    with MemoryTracker() as tr:
+        back = packing.unpack_mask(p, m.shape)
+    assert tr.report().peak_bytes <= m.numel() + 8 * chunk  # the bool output and a chunk's work
+    assert torch.equal(back, m)
