@@ -9,10 +9,10 @@ activation shape costs nothing. `compile_seconds` says what the compiles cost. A
 that fails warns once in one line and leaves that kernel to the eager codec for the process.
 The eager codec also runs under fake tensors and under a dispatch mode (the memory tracker), which
 compiled code would bypass, and where `EDGETRAIN_FUSED=off` or `set_fused(False)` asks for it.
-By default (`auto`) the kernels run on CUDA only: on the 2-core CPU host they were 1.5-3x faster
-than the eager chunks alone (`bench/codec.txt`, 4 bits) but made whole training steps slower
-(resnet18 b32 224 px: 2.0x plain with them, 1.25x without), so a CPU asks for them with
-`EDGETRAIN_FUSED=on`.
+By default (`auto`) the kernels run on CUDA only: on the 2-core CPU host they were faster than
+the eager chunks alone at 4 bits (`bench/codec.txt`) but made whole training steps slower
+(resnet18 b32 224 px, `bench/codec.py --steps`: 1.75x / 1.96x plain at 4 / 2 bits with them,
+1.63x / 1.56x without), so a CPU asks for them with `EDGETRAIN_FUSED=on`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 MODES = ("auto", "on", "off")  # auto: fused on CUDA; on: on CPUs too
 _state = {"mode": os.environ.get("EDGETRAIN_FUSED", "auto")}
+if _state["mode"] not in MODES:
+    warnings.warn(f"edgetrain: EDGETRAIN_FUSED={_state['mode']!r} is not one of {', '.join(MODES)}; using auto",
+                  RuntimeWarning, stacklevel=1)  # fmt: skip
+    _state["mode"] = "auto"
 _KERNELS: dict[tuple, Callable] = {}
 _BROKEN: set[tuple] = set()
 compile_seconds: dict[str, float] = {}  # kernel key -> seconds of its first (compiling) call
