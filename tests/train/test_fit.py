@@ -35,6 +35,7 @@ def _tiny_profile(tmp_path: Path, usable_mib: int) -> str:
     return str(save_profile(p, "tiny", tmp_path))
 
 
+@pytest.mark.slow  # ~22 s; the budget path stays in the default run through test_oom_replans_and_continues
 def test_fit_under_a_budget_plain_does_not_fit(tmp_path):
     cfg = dict(SMALL, input_size=32, batch_size=64, epochs=3)
     plain = fit(FitConfig(device="cpu", out=str(tmp_path / "plain"), **cfg))
@@ -106,6 +107,7 @@ def _wait_for_checkpoint(path: Path, proc, after_steps: int) -> None:
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow  # ~31 s; resuming stays in the default run through test_resume_is_bitwise_equal
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
     ref = subprocess.run(_fit_cmd(tmp_path / "ref"), capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
