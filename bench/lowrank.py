@@ -25,12 +25,14 @@ import time
 from pathlib import Path
 
 import torch
-from compression import _interleaved_times, seeded_accuracies
+from compression import seeded_accuracies
+from timing import interleaved_times, layer_times
 from torch import nn
 
 from edgetrain.core.step import StepSpec
 from edgetrain.memory.measure import model_counts, tracked_step
 from edgetrain.methods.base import prepare
+from edgetrain.methods.lowrank_layers import CPConv2d
 from edgetrain.models import create_model
 from edgetrain.planning.estimate import estimate
 from edgetrain.train.recipe import FitConfig, fit
@@ -61,27 +63,34 @@ HEAD = f"   {'configuration':<34} {'params':>8} {'FLOPs':>10} {'saved MiB':>9} {
 def refusion_table(quick: bool) -> list[dict]:
     print(
         "\n1. T1000 re-fusion: CP layers (ratio 0.5 of each conv's FLOPs), 64 px, batch 8; times interleaved, medians"
+        "\n   (step s: the whole step; CP s: forward + backward of the CP layers alone, summed)"
     )
     paper = {"alexnet": (-0.846, 1.77), "vgg11": (-0.774, 1.4)}
     rows = []
     for name in ("alexnet", "vgg11"):
         print(f" {name}-style (T1000: intermediates {paper[name][0]:+.1%}, {paper[name][1]}x faster than unfused)")
-        print(HEAD + f" {'CP interm. MiB':>14} {'vs unfused':>10} {'step s':>7} {'x orig':>7} {'x unfused':>9}")
+        print(HEAD + f" {'CP interm. MiB':>14} {'vs unfused':>10} {'step s':>7} {'x orig':>7} {'x unfused':>9}"
+              f" {'CP s':>7} {'x unfused':>9}")  # fmt: skip
         model = create_model(name)
         shape, batch = (3, 64, 64), 8
         configs = [("original", []), ("cp unfused", ["cp:init=random"]),
+                   ("cp unfused, channels-last model", ["cp:init=random"]),
                    ("cp re-fused (depthwise recomputed)", ["cp:refuse=true,init=random"]),
                    ("cp re-fused (all recomputed)", ["cp:refuse=true,init=random,recompute=all"])]  # fmt: skip
         res = [measure(model, methods, shape, batch) for _, methods in configs]
-        secs = _interleaved_times([(r["model"], StepSpec(shape, batch, 10)) for r in res], 3 if quick else 9)
+        res[2]["model"] = res[2]["model"].to(memory_format=torch.channels_last)  # the layout the re-fused chain uses
+        secs = interleaved_times([(r["model"], StepSpec(shape, batch, 10)) for r in res], 3 if quick else 9)
+        cp = [0.0] + layer_times([r["model"] for r in res[1:]], CPConv2d, shape, batch, 3 if quick else 9)
         inter = [r["saved"] - res[0]["saved"] for r in res]  # the CP chains' own saved tensors
-        for (label, _), r, s, i in zip(configs, res, secs, inter, strict=True):
+        for (label, _), r, s, c, i in zip(configs, res, secs, cp, inter, strict=True):
             row = {"net": name, "config": label, **_plain(r),
                    "intermediate": i, "seconds": s, "vs_unfused_bytes": i / inter[1] - 1 if inter[1] else None,
-                   "x_original": s / secs[0], "speedup_vs_unfused": secs[1] / s}  # fmt: skip
+                   "x_original": s / secs[0], "speedup_vs_unfused": secs[1] / s,
+                   "cp_seconds": c, "cp_speedup_vs_unfused": cp[1] / c if c else None}  # fmt: skip
             rows.append(row)
             vs = f"{row['vs_unfused_bytes']:+.1%}" if label.startswith("cp re") else "-"
-            _line(label, r, f"{i / MiB:>14.2f} {vs:>10} {s:>7.3f} {s / secs[0]:>7.2f} {secs[1] / s:>9.2f}")
+            cps = f"{c:>7.3f} {cp[1] / c:>9.2f}" if c else f"{'-':>7} {'-':>9}"
+            _line(label, r, f"{i / MiB:>14.2f} {vs:>10} {s:>7.3f} {s / secs[0]:>7.2f} {secs[1] / s:>9.2f} {cps}")
     return rows
 
 
@@ -103,7 +112,7 @@ def partial_table(quick: bool) -> list[dict]:
         configs += [("tucker2, train core + base+delta", [*low, "partial:factor=core", similar])]
         res = [measure(model, methods, shape, batch) for _, methods in configs]
         steps = [(r["model"], StepSpec(shape, batch, 10, settings=r["settings"])) for r in res]
-        secs = _interleaved_times(steps, 2 if quick else 5)
+        secs = interleaved_times(steps, 2 if quick else 5)
         for (label, _), r, sec in zip(configs, res, secs, strict=True):
             rows.append({"net": name, "config": label, **_plain(r), "seconds": sec, "x_time": sec / secs[0]})
         case = rows[-len(configs) :]

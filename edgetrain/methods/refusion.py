@@ -1,6 +1,6 @@
 """Re-fusion (T1000): a factorized layer's chain run as one autograd Function that keeps less
 for backward and recomputes the cheap intermediates there. `RefusedCP` runs CP's
-1x1 . kx1 dw . 1xk dw . 1x1 chain; `RefusedTucker` runs Tucker-2's 1x1 . kxk . 1x1 chain.
+1x1 . kx1 dw . 1xk dw . 1x1 chain (the depthwise pair as one kxk depthwise conv); `RefusedTucker` runs Tucker-2's 1x1 . kxk . 1x1 chain.
 Both give the unfused chain's gradients; with `compress` on the layer, what they keep is packed.
 """
 
@@ -28,42 +28,83 @@ def compress_hooks(m: nn.Module):
     return CompressHooks(config, skip=({p.untyped_storage()._cdata for p in m.parameters()}, set()))
 
 
-def _depthwise(m: CPConv2d, a: torch.Tensor, wv: torch.Tensor, wh: torch.Tensor) -> torch.Tensor:
+def _separable(m: CPConv2d) -> dict:
+    """The kx1 and 1xk depthwise pair as one kxk depthwise conv's geometry: a separable kernel's
+    outer product computes the same sums (zero padding included), in one pass instead of two."""
     v, h = m.vertical, m.horizontal
-    b = F.conv2d(a, wv, None, v.stride, v.padding, v.dilation, v.groups)  # (N, R, Ho, W)
-    return F.conv2d(b, wh, None, h.stride, h.padding, h.dilation, h.groups)  # (N, R, Ho, Wo)
+    return dict(stride=[v.stride[0], h.stride[1]], padding=[v.padding[0], h.padding[1]],
+                dilation=[v.dilation[0], h.dilation[1]], groups=v.groups)  # fmt: skip
+
+
+def _conv_backward(gy, x, w, mask, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    """(grad input, grad weight) of conv2d(x, w), each only where `mask` asks."""
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        gy, x, w, None, list(stride), list(padding), list(dilation), False, [0, 0], groups, [mask[0], mask[1], False]
+    )
+    return gx, gw
+
+
+NHWC_MIN_PIXELS = 64  # below 8x8 the two layout copies cost more than the reorders they save
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """On a CPU the chain runs channels-last inside the Function: oneDNN's depthwise and 1x1 convs
+    then need no layout reorders (vgg11's CP chains, 64 px: 0.76x the time, bench/lowrank.txt).
+    Small maps and other devices (unmeasured) keep the layout they come in."""
+    cpu_map = t.device.type == "cpu" and t.dim() == 4 and t.shape[2] * t.shape[3] >= NHWC_MIN_PIXELS
+    return t.contiguous(memory_format=torch.channels_last) if cpu_map else t
+
+
+def _shape_only(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A tensor of `shape` that holds no memory, for a conv backward that reads only the shape."""
+    return like.new_empty(1).expand(shape)
 
 
 class RefusedCP(torch.autograd.Function):
-    """The CP chain as one op: backward recomputes the depthwise intermediates (and, with
-    recompute=all, the first 1x1's output) instead of finding them saved."""
+    """The CP chain as one op: 1x1 . (kx1 dw . 1xk dw as one kxk dw) . 1x1. It keeps the input and,
+    with recompute=depthwise, the first 1x1's output; backward recomputes the depthwise output (and,
+    with recompute=all, the first 1x1's) and runs each conv's backward directly: no op is replayed
+    under autograd, so its cost is the unfused chain's backward plus one depthwise pass."""
 
     @staticmethod
     def forward(ctx, x, w1, wv, wh, w2, bias, m: CPConv2d):
-        a = F.conv2d(x, w1, None, 1, 0, 1, m.first.groups)  # (N, R, H, W)
-        y = F.conv2d(_depthwise(m, a, wv, wh), w2, bias, 1, 0, 1, m.last.groups)  # (N, C', Ho, Wo)
-        keep_a = m.recompute == "depthwise" and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        ctx.save_for_backward(x, w1, wv, wh, w2, a if keep_a else None)
-        ctx.m = m
-        return y
+        geo = _separable(m)
+        a = F.conv2d(_nhwc(x), w1, None, 1, 0, 1, m.first.groups)  # (N, R, H, W)
+        c = F.conv2d(a, wv * wh, None, **geo)  # (N, R, Ho, Wo): (R,1,kh,1) * (R,1,1,kw) -> (R,1,kh,kw)
+        y = F.conv2d(c, w2, bias, 1, 0, 1, m.last.groups)  # (N, C', Ho, Wo)
+        needs = ctx.needs_input_grad
+        need_a = any(needs[2:5])  # the depthwise factors' and the last 1x1's gradients read a
+        keep_a = m.recompute == "depthwise" and need_a
+        keep_x = needs[1] or (need_a and not keep_a)  # the caller's x, not the channels-last copy
+        ctx.save_for_backward(x if keep_x else None, w1, wv, wh, w2, a if keep_a else None)
+        ctx.m, ctx.x_shape, ctx.a_shape, ctx.c_shape = m, x.shape, a.shape, c.shape
+        return y.contiguous(memory_format=torch.contiguous_format if x.is_contiguous() else torch.channels_last)
 
     @staticmethod
     def backward(ctx, gy):
         x, w1, wv, wh, w2, a = ctx.saved_tensors
-        m, needs = ctx.m, ctx.needs_input_grad
-        if a is None:
-            a = F.conv2d(x, w1, None, 1, 0, 1, m.first.groups)
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(n) for t, n in ((a, needs[0] or needs[1]), (wv, needs[2]),
-                                                                (wh, needs[3]), (w2, needs[4]))]  # fmt: skip
-            y = F.conv2d(_depthwise(m, leaves[0], leaves[1], leaves[2]), leaves[3], None, 1, 0, 1, m.last.groups)
-            want = [t for t in leaves if t.requires_grad]
-            got = iter(torch.autograd.grad(y, want, gy) if want else ())
-        ga, gwv, gwh, gw2 = (next(got) if t.requires_grad else None for t in leaves)
-        g = m.first.groups
-        gx = torch.nn.grad.conv2d_input(x.shape, w1, ga, groups=g) if needs[0] else None
-        gw1 = torch.nn.grad.conv2d_weight(x, w1.shape, ga, groups=g) if needs[1] else None
+        m, needs, geo = ctx.m, ctx.needs_input_grad, _separable(ctx.m)
         gb = gy.sum((0, 2, 3)) if needs[5] else None
+        gy, x = _nhwc(gy), (_nhwc(x) if x is not None else None)
+        need_a = any(needs[2:5])
+        if a is None and need_a:
+            a = F.conv2d(x, w1, None, 1, 0, 1, m.first.groups)  # recomputed (N, R, H, W)
+        k = wv * wh  # (R, 1, kh, kw)
+        c = F.conv2d(a, k, None, **geo) if needs[4] else _shape_only(gy, ctx.c_shape)  # recomputed
+        gc, gw2 = _conv_backward(gy, c, w2, (any(needs[:4]), needs[4]), groups=m.last.groups)
+        del c, gy
+        gx = gw1 = gwv = gwh = None
+        if any(needs[:4]):
+            a = a if need_a else _shape_only(gc, ctx.a_shape)
+            ga, gk = _conv_backward(gc, a, k, (needs[0] or needs[1], needs[2] or needs[3]), **geo)
+            del gc, a
+            if gk is not None:  # d(wv*wh): each factor's gradient is the other summed out
+                gwv = (gk * wh).sum(3, keepdim=True) if needs[2] else None  # (R, 1, kh, 1)
+                gwh = (gk * wv).sum(2, keepdim=True) if needs[3] else None  # (R, 1, 1, kw)
+            if ga is not None:
+                x = x if needs[1] else _shape_only(ga, ctx.x_shape)
+                gx, gw1 = _conv_backward(ga, x, w1, (needs[0], needs[1]), groups=m.first.groups)
+                gx = gx.contiguous() if gx is not None else None
         return gx, gw1, gwv, gwh, gw2, gb, None
 
 
