@@ -66,6 +66,16 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             f"weights file {path} cannot be read ({type(e).__name__}): is it a torch state dict?"
         ) from None
     state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ConfigError(f"weights file {path} holds a {type(state).__name__}, not a state dict: give a model.pt")
+    own = model.state_dict()
+    other = [k for k, v in state.items() if k in own and getattr(v, "shape", None) != own[k].shape]
+    if other:  # another architecture (or width, or class count) under the same names
+        k = other[0]
+        raise ConfigError(
+            f"weights file {path} is of another model: {len(other)} tensors differ in shape, e.g. '{k}' is "
+            f"{tuple(state[k].shape)} there and {tuple(own[k].shape)} here: give --model the checkpoint's architecture"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(

@@ -7,6 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+from edgetrain.models import create_model
 
 BINARY = bytes(range(256)) * 4  # a foreign, non-text file
 
@@ -24,6 +27,7 @@ def bad(tmp_path) -> Path:
     (tmp_path / "imgs/a").mkdir(parents=True)
     (tmp_path / "imgs/a/x.png").write_bytes(BINARY)
     (tmp_path / "empty").mkdir()
+    torch.save(create_model("cifar_resnet20", 10).state_dict(), tmp_path / "resnet20.pt")  # another architecture
     return tmp_path
 
 
@@ -56,6 +60,10 @@ CASES = [
     ],  # fmt: skip
     *[("estimate", *SMALL, *opt) for opt in (("--method", "compress:group=7"), ("--method", "tucker2:rank=-1"))],
     ("export", "--model", "nosuch", "--out", "a"),
+    # a checkpoint of another architecture, as it is and under a plan that changes the layers
+    ("fit", "--device", "cpu", "--init", "resnet20.pt", *SMALL),
+    ("fit", "--device", "cpu", "--init", "resnet20.pt", "--method", "tucker2:ratio=0.25", *SMALL),
+    ("plan", *SMALL, "--allow", "everything"),
 ]
 
 
