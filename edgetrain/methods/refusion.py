@@ -49,7 +49,7 @@ NHWC_MIN_PIXELS = 64  # below 8x8 the two layout copies cost more than the reord
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
     """On a CPU the chain runs channels-last inside the Function: oneDNN's depthwise and 1x1 convs
-    then need no layout reorders (vgg11's CP chains, 64 px: 0.76x the time, bench/lowrank.txt).
+    then need no layout reorders (vgg11's CP layers at 64 px: 1.16x unfused's speed, bench/lowrank.txt).
     Small maps and other devices (unmeasured) keep the layout they come in."""
     cpu_map = t.device.type == "cpu" and t.dim() == 4 and t.shape[2] * t.shape[3] >= NHWC_MIN_PIXELS
     return t.contiguous(memory_format=torch.channels_last) if cpu_map else t
