@@ -143,7 +143,14 @@ class MethodHandler:
         """The step-wide configs the planner may choose on this device and batch."""
         return []
 
-    def step_effect(self, config: MethodConfig, profile: DeviceProfile, has_batchnorm: bool) -> StepEffect:
+    def at_batch(self, config: MethodConfig, batch_size: int) -> MethodConfig:
+        """`config` as used at this batch size: the same by default; a config whose risk depends on
+        the batch (micro-batches: the images BatchNorm sees) learns it here."""
+        return config
+
+    def step_effect(
+        self, config: MethodConfig, profile: DeviceProfile, has_batchnorm: bool, batch_size: int
+    ) -> StepEffect:
         return StepEffect(risk=int(config.risk))
 
     def export_(self, model: nn.Module) -> list[str]:
@@ -236,7 +243,7 @@ def spec_of(config: MethodConfig) -> str:
     opts = []
     for f in dataclasses.fields(config):
         v = getattr(config, f.name)
-        if f.name in config.spec_keys or v != f.default:
+        if f.metadata.get("spec", True) and (f.name in config.spec_keys or v != f.default):
             opts.append(f"{f.name}={str(v).lower() if isinstance(v, bool) else v}")
     return config.name + (":" + ",".join(opts) if opts else "")
 

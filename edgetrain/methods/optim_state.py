@@ -114,7 +114,9 @@ class OptimStateHandler(MethodHandler):
     def step_candidates(self, profile: DeviceProfile, batch_size: int) -> list[MethodConfig]:
         return [OptimStateConfig(d) for d in SCALE]
 
-    def step_effect(self, config: MethodConfig, profile: DeviceProfile, has_batchnorm: bool) -> StepEffect:
+    def step_effect(
+        self, config: MethodConfig, profile: DeviceProfile, has_batchnorm: bool, batch_size: int
+    ) -> StepEffect:
         assert isinstance(config, OptimStateConfig)
         return StepEffect(
             state_scale=SCALE[config.dtype],

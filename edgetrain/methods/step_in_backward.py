@@ -37,7 +37,9 @@ class StepInBackwardHandler(MethodHandler):
     def step_candidates(self, profile: DeviceProfile, batch_size: int) -> list[MethodConfig]:
         return [StepInBackwardConfig()]
 
-    def step_effect(self, config: MethodConfig, profile: DeviceProfile, has_batchnorm: bool) -> StepEffect:
+    def step_effect(
+        self, config: MethodConfig, profile: DeviceProfile, has_batchnorm: bool, batch_size: int
+    ) -> StepEffect:
         return StepEffect(
             gradient_scale=0.0,
             time_factor=TIME_FACTOR,

@@ -92,7 +92,7 @@ def step_wide_options(profile: DeviceProfile, batch_size: int, has_bn: bool = Tr
             step_settings_for(list(configs))
         except ConfigError:  # a combination a step refuses (the step in backward with fp16's loss scaling)
             continue
-        effects = tuple(handler_for(c).step_effect(c, profile, has_bn) for c in configs)
+        effects = tuple(handler_for(c).step_effect(c, profile, has_bn, batch_size) for c in configs)
         out.append(StepWide(configs, effects))
     return out
 

@@ -130,6 +130,10 @@ class Plan:
     frontier: list[dict[str, Any]] = field(default_factory=list)  # when asked: planning/frontier.py
     version: int = PLAN_VERSION
 
+    def __post_init__(self) -> None:  # each step-wide config learns the batch it runs at (its risk may depend on it)
+        batch = self.request.batch_size
+        self.choices.methods = [handler_for(c).at_batch(c, batch) for c in self.choices.methods]
+
     @property
     def is_plain(self) -> bool:
         return self.choices.is_plain

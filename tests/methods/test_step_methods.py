@@ -137,3 +137,30 @@ def test_planned_steps_at_the_process_level_err_high_and_within_5_percent(model,
     r = compare_case(model, 8, 112, methods)
     assert r["tensor_err"] == pytest.approx(0, abs=1e-3), r
     assert 0 <= r["process_err"] <= 0.05, r
+
+
+def test_micro_batch_risk_follows_the_images_batchnorm_sees():
+    """Micro-batches of one image each cost 17 points on digits (bench/levers.txt), of four or more
+    none: the risk is the images' (known from the batch), in the plan, its levers and the planner."""
+    from edgetrain.devices.store import get_device
+    from edgetrain.methods.base import spec_of
+    from edgetrain.planning import Plan
+    from edgetrain.planning.planner import step_wide_options
+    from edgetrain.planning.record import Choices, PlanRequest
+
+    risks = {}
+    for k in (4, 16, 32, 64):
+        plan = Plan(PlanRequest(batch_size=64), Choices([f"microbatch:micro_batches={k}"]))
+        again = Plan.from_dict(plan.to_dict())
+        (c,) = again.choices.methods
+        assert spec_of(c) == f"microbatch:micro_batches={k}" and c.images == 64 // k  # not part of the spec
+        assert again.choices.levers()[0]["risk"] == c.risk
+        risks[k] = c.risk
+    assert risks[4] == risks[16] == 2 and risks[32] > risks[16] and risks[64] > risks[32]
+    assert parse_spec("microbatch:micro_batches=64").risk == 2  # the batch not known: the middle rank
+    for has_bn in (True, False):
+        options = step_wide_options(get_device("jetson-nano"), 64, has_bn)
+        effect = {g.configs[0].micro_batches: g.effects[0] for g in options if g.label().startswith("microbatch")
+                  and len(g.configs) == 1}  # fmt: skip
+        assert effect[64].risk == (risks[64] if has_bn else 0) and effect[4].risk == (2 if has_bn else 0)
+        assert ("BatchNorm normalizes over 1 image" in effect[64].reason) == has_bn
