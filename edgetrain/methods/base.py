@@ -6,7 +6,7 @@ micro-batching). Every method must run under fake tensors, so the predictor meas
 by running it; a handler whose memory cannot be seen that way overrides `unseen_bytes`.
 
 The planner reads methods only through the handler protocol below (`plan_scope`, `unit_kind`,
-`candidates`, `step_candidates`, `seconds`, `step_effect`, risk on the config): a new method is
+`candidates`, `step_candidates`, `at_batch`, `seconds`, `step_effect`, risk on the config): a new method is
 one file that registers its handler, and the planner weighs it without knowing its name.
 """
 
