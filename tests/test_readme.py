@@ -65,6 +65,12 @@ QUOTED = [
      r"process_err: median \|error\| [\d.]+%, max \|error\| ([\d.]+)%", 0.005),
     ("memory grid: process error, median", r"has a median of ([\d.]+) %", "memory_grid.txt",
      r"process_err: median \|error\| ([\d.]+)%", 0.005),
+    ("levers: the 8.7x plan on digits", r"its levers reach ([\d.]+) % against plain", "levers.txt",
+     r"checkpoint \+ compress:bits=8\n\s+lossy\s+\d+\s+([\d.]+)%", 0.05),
+    ("levers: one-image micro-batches", r"micro-batch ×64 \(1 image\) \| lossy \| \d \| ([\d.]+) %", "levers.txt",
+     r"microbatch:micro_batches=64\s+lossy\s+\d+\s+([\d.]+)%", 0.005),
+    ("re-fused CP layers on vgg11", r"makes its layers ([\d.]+)× faster than unfused", "lowrank.txt",
+     r"cp re-fused \(depthwise recomputed\)\s+124\.20M[^\n]*\s([\d.]+)\n", 0.005),
 ]  # fmt: skip
 
 
