@@ -131,8 +131,8 @@ class Plan:
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:  # each step-wide config learns the batch it runs at (its risk may depend on it)
-        batch = self.request.batch_size
-        self.choices.methods = [handler_for(c).at_batch(c, batch) for c in self.choices.methods]
+        c, batch = self.choices, self.request.batch_size  # a new Choices: the one given may be another plan's too
+        self.choices = Choices([handler_for(m).at_batch(m, batch) for m in c.methods], c.layers, c.shapes)
 
     @property
     def is_plain(self) -> bool:
