@@ -79,10 +79,13 @@ class CachingAllocatorModel:
             seg.blocks[i - 1][1] += seg.blocks.pop(i)[1]
 
 
-def replay_cuda(report: MemoryReport) -> int:
-    """Peak reserved bytes of the caching allocator over a tracked step's events."""
+def replay_cuda(report: MemoryReport, categories: tuple[str, ...] | None = None) -> int:
+    """Peak reserved bytes of the caching allocator over a tracked step's events (of the records
+    in `categories` only, if given)."""
     model = CachingAllocatorModel()
     for delta, rid, _ in report.events:
+        if categories is not None and report.categories[rid] not in categories:
+            continue
         if delta > 0:
             model.malloc(rid, report.sizes[rid])
         else:

@@ -68,6 +68,20 @@ class MemoryReport:
                 best = max(best, live)
         return best
 
+    def rise_in(self, phase: str) -> int:
+        """How far live bytes rose above where they stood when `phase` first began, within its
+        first span (e.g. the optimizer step's own temporaries); 0 when the phase did not run."""
+        live, start, best = 0, None, 0
+        for delta, _, ph in self.events:
+            if ph == phase and start is None:
+                start = live
+            elif ph != phase and start is not None:
+                break
+            live += delta
+            if start is not None:
+                best = max(best, live - start)
+        return best
+
     def phase_spans(self) -> list[tuple[str, int, int]]:
         """(phase, first event, last event) for each contiguous phase, for plots."""
         spans: list[tuple[str, int, int]] = []

@@ -60,7 +60,9 @@ class StepEffect:
     time, `gradient_scale` and `state_scale` of the gradient and optimizer-state bytes are held at
     the peak, `param_copies` of the parameter bytes are held again as copies (autocast's
     half-precision weights, saved for backward), the step takes `time_factor` times as long, and it
-    risks `risk` ranks of accuracy."""
+    risks `risk` ranks of accuracy. `step_temps`: the optimizer step's own temporaries, in largest
+    parameters per optimizer-state slot, where the config replaces torch's step (0: torch's, which
+    the planner measures in plain's step)."""
 
     activation_scale: float = 1.0
     batch_divisor: int = 1
@@ -70,6 +72,7 @@ class StepEffect:
     time_factor: float = 1.0
     risk: int = 0
     reason: str = ""
+    step_temps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,11 @@ class MethodHandler:
     def seconds(self, config: MethodConfig, unit: UnitCost) -> float:
         """Extra step time of `config` on one unit."""
         return 0.0
+
+    def backward_transient(self, config: MethodConfig, saved_plain: int) -> int:
+        """Bytes a unit holds again while its backward runs, beyond what it saved (recompute
+        regenerates activations), at most: from the unit's plain saved bytes."""
+        return 0
 
     def step_candidates(self, profile: DeviceProfile, batch_size: int) -> list[MethodConfig]:
         """The step-wide configs the planner may choose on this device and batch."""

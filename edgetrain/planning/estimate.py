@@ -14,7 +14,7 @@ from torch import nn
 from edgetrain.core.step import StepSpec
 from edgetrain.devices.profile import DeviceProfile
 from edgetrain.devices.store import get_device
-from edgetrain.memory.measure import model_counts
+from edgetrain.memory.measure import model_counts, shell_copy
 from edgetrain.memory.predict import (
     Prediction,
     check_args,
@@ -70,9 +70,11 @@ def estimate(
     num_classes: int | None = None,
     name: str = "model",
     skip_unused: bool = False,
+    counts: bool = True,
 ) -> Estimate:
     """Predict the peak memory of one steady-state training step of `model` (nothing allocated).
-    A method that finds no eligible layer is refused (`UnusedMethod`), or dropped with `skip_unused`."""
+    A method that finds no eligible layer is refused (`UnusedMethod`), or dropped with `skip_unused`.
+    `counts`: also count parameters and FLOPs (two fake forwards more; the planner's checks skip them)."""
     profile = get_device(device) if device is not None else None
     check_args(model, input_shape, batch_size)
     check_input_size(model, input_shape[-1], name, input_shape[0])
@@ -80,7 +82,8 @@ def estimate(
     if profile is not None:
         check_budget(model, budget, profile)
     unused = "drop" if skip_unused else "error"
-    prepared, configs, settings = prepare(model, list(methods), shapes_only=True, unused=unused, name=name)
+    copied = shell_copy(model) if methods else model  # the methods change layers, never a weight: none is copied
+    prepared, configs, settings = prepare(copied, list(methods), True, shapes_only=True, unused=unused, name=name)
     spec = StepSpec(tuple(input_shape), batch_size, num_classes or num_classes_of(model), optimizer, settings)
     unseen = sum(handler_for(c).unseen_bytes(prepared, c) for c in configs)
     report, predicted = predict_step(prepared, spec, profile, name, unseen)
@@ -89,6 +92,6 @@ def estimate(
     return Estimate(
         name, tuple(input_shape), batch_size, optimizer, profile.name if profile else None,
         [c.name for c in configs], predicted, budget, skipped=skipped, report=report,
-        counts=model_counts(prepared, tuple(input_shape)),
-        plain_counts=model_counts(model, tuple(input_shape)) if configs else None,
+        counts=model_counts(prepared, tuple(input_shape)) if counts else {},
+        plain_counts=model_counts(model, tuple(input_shape)) if configs and counts else None,
     )  # fmt: skip

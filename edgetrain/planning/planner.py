@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from edgetrain.core.step import StepSpec
+from edgetrain.core.step import OPTIMIZERS, StepSpec
 from edgetrain.devices.profile import DeviceProfile
 from edgetrain.errors import ConfigError
 from edgetrain.levels import CHANGE_LEVELS, DEFAULT_ALLOW
+from edgetrain.memory.allocator import replay_cuda
 from edgetrain.methods.base import (
     MethodConfig,
     StepEffect,
@@ -44,6 +45,7 @@ from edgetrain.planning.units import (
 )  # fmt: skip
 
 PREFER = {"speed": 0.05, "accuracy": 2.0}  # weight of one risk rank against a 100% time overhead
+SOLVE_TRIES = 4  # knapsack solves per setting and budget, each lower by what the last went over
 
 
 @dataclass(frozen=True)
@@ -64,11 +66,13 @@ class StepWide:
         """Activations are held for 1/divisor of the batch at a time."""
         return math.prod(e.batch_divisor for e in self.effects)
 
-    def fixed(self, f: Fixed, largest_gradient: int = 0) -> int:
+    def fixed(self, f: Fixed, largest_gradient: int = 0, backward: bool = True) -> int:
         """Fixed bytes held at the peak under this setting. Gradients accumulated over micro-batches
-        are all held, whatever frees them later; and the largest gradient is whole at some time."""
+        are all held, whatever frees them later, and in `backward` a micro-batch's new gradient is
+        whole beside the one it is added to; the largest gradient is whole at some time."""
         scale = 1.0 if self.divisor > 1 else math.prod(e.gradient_scale for e in self.effects)
         grads = max(int(f.gradients * scale), min(f.gradients, largest_gradient))
+        grads += largest_gradient if backward and self.divisor > 1 else 0
         copies = int(f.params * sum(e.param_copies for e in self.effects))
         return f.params + copies + grads + int(f.state * math.prod(e.state_scale for e in self.effects))
 
@@ -97,6 +101,16 @@ def step_wide_options(profile: DeviceProfile, batch_size: int, has_bn: bool = Tr
     return out
 
 
+FIXED = ("parameters", "gradients", "optimizer")
+
+
+def _segments_over(plain: Estimate, categories: tuple[str, ...]) -> int:
+    """What CUDA's segments hold beyond the tensors of `categories`, replayed alone from plain's step."""
+    if plain.report is None:
+        return 0
+    return max(0, replay_cuda(plain.report, categories) - plain.report.peak_of(categories))
+
+
 def _risk(option: Option) -> int:
     return 0 if option is None else int(option.risk)
 
@@ -110,19 +124,28 @@ class Planner:
         self.plain, self.allow, self.prefer, self.processes = plain, allow, prefer, processes
         self.table: UnitTable = unit_table(model, spec, keep=self.allowed)
         self.t0 = step_seconds(self.table, profile)
-        self.top = [u for u in self.table.units if u.parent is None]
-        self.inside = {r.name: [u for u in self.table.units if u.parent == r.name] for r in self.top}
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # registration: forward order, as a rule
+        units = sorted(self.table.units, key=lambda u: order.get(u.name, len(order)))
+        self.top = [u for u in units if u.parent is None]
+        self.inside = {r.name: [u for u in units if u.parent == r.name] for r in self.top}
         self.by_name = {u.name: u for u in self.table.units}
         self.total_saved = sum(u.saved[None] for u in self.top) or 1
-        # the device level over the tensor level, from plain: CUDA's rounding and fragmentation grow
-        # with the tensors (a ratio); a CPU's ops' inner copies are one op's operands (bytes on top)
+        # the device level over the tensor level, from plain: CUDA's segments around the fixed bytes
+        # (their own replay: a ratio of them), and its fragmentation, which grows with what comes and
+        # goes beside them (a ratio of that); a CPU's ops' inner copies are one op's operands (bytes on top)
         self.workspace = profile.workspace_bytes
-        over = plain.predicted.peak_device_bytes - self.workspace
+        over = plain.predicted.peak_device_bytes - self.workspace - plain.predicted.peak_total_bytes
         cuda = profile.allocator == "cuda-caching"
-        self.device_ratio = max(1.0, over / plain.predicted.peak_total_bytes) if cuda else 1.0
-        self.device_extra = 0 if cuda else max(0, over - plain.predicted.peak_total_bytes)
+        fixed, churn = max(1, self.table.fixed.total), max(1, plain.predicted.peak_total_bytes - self.table.fixed.total)
+        fixed_over = min(over, _segments_over(plain, FIXED)) if cuda else 0
+        self.fixed_ratio = fixed_over / fixed
+        self.churn_ratio = max(0.0, (over - fixed_over) / churn) if cuda else 0.0
+        self.device_extra = 0 if cuda else max(0, over)
         self.has_bn = has_batchnorm(model)
         self.inputs = plain.predicted.peak_by_category.get("inputs", 0)  # the batch: micro-batches are its views
+        self.slots = OPTIMIZERS.get(spec.optimizer, 1)  # optimizer-state tensors per parameter
+        rise = plain.report.rise_in("optimizer") if plain.report is not None else 0  # torch's step's temporaries,
+        self.step_rise = rise / max(1, self.table.largest_gradient)  # in largest parameters
         self._least: dict[StepWide, int] = {}  # least_fixed by setting (this table's)
 
     def _saved(self, option: Option, unit: Unit, g: StepWide) -> int:
@@ -151,9 +174,23 @@ class Planner:
         every = step_wide_options(self.profile, self.spec.batch_size, self.has_bn)
         return [g for g in every if all(self.allowed(c, e.risk) for c, e in zip(g.configs, g.effects, strict=True))]
 
+    def _transient(self, option: Option, unit: Unit, g: StepWide) -> int:
+        """What `option` holds again on `unit` while the unit's backward runs (recompute)."""
+        if option is None:
+            return 0
+        return g.activations(handler_for(option).backward_transient(option, unit.saved[None]))
+
     def _choices(self, u: Unit, g: StepWide, budget: float) -> list[tuple[dict[str, Option], int, float]]:
         return [({u.name: o}, self._bytes(o, u, g), self._cost(u, o)) for o in u.options
-                if self.allowed(o) and self._floor(o, g) <= budget]  # fmt: skip
+                if self.allowed(o) and max(self._floor(o, g), self._unit_floor(o, u, g)) <= budget]  # fmt: skip
+
+    def _unit_floor(self, option: Option, unit: Unit, g: StepWide) -> int:
+        """A peak no plan with `option` on `unit` goes below: the least fixed bytes, the batch, and
+        the unit's own bytes during its backward (what it saved and what it holds again)."""
+        if option is None:
+            return 0
+        own = self._saved(option, unit, g) + self._transient(option, unit, g)
+        return self.device_bytes(self.least_fixed(g) + self.inputs + own)
 
     def groups(self, g: StepWide, budget: float = math.inf) -> list[list[tuple[dict[str, Option], int, float]]]:
         """Per outermost unit the choices allowed: (option by unit, bytes, cost). A run of blocks offers
@@ -181,11 +218,26 @@ class Planner:
             self._least[g] = self._least_fixed(g)
         return self._least[g]
 
-    def _least_fixed(self, g: StepWide) -> int:
+    def _least_fixed(self, g: StepWide, backward: bool = True) -> int:
         units = self.table.units
-        return g.fixed(self.table.fixed, self.table.largest_gradient) + sum(
+        return g.fixed(self.table.fixed, self.largest(), backward) + sum(
             min(g.fixed(u.fixed[o]) - g.fixed(u.fixed[None]) for o in u.options) for u in units
         )
+
+    def largest(self, chosen: dict[str, Option] | None = None) -> int:
+        """The largest trainable parameter's bytes with per-unit options `chosen` (None: the least
+        any plan has): a micro-batch's new gradient of it, and the optimizer's temporaries, are whole."""
+        return max([self.table.outside_largest, *(self._unit_largest(u, chosen) for u in self.top)])
+
+    def _unit_largest(self, u: Unit, chosen: dict[str, Option] | None) -> int:
+        inside = self.inside.get(u.name, [])
+        if chosen is None:
+            own = min(u.fixed[o].largest for o in u.options)
+            return min(own, max(self._unit_largest(c, None) for c in inside)) if inside else own
+        option = chosen.get(u.name)
+        if option is not None or not inside:
+            return u.fixed[option].largest
+        return max(self._unit_largest(c, chosen) for c in inside)
 
     def _floor(self, option: Option, g: StepWide) -> int:
         """A peak no plan using `option` goes below (the all-`option` run's, when above its linear model)."""
@@ -194,10 +246,18 @@ class Planner:
         return self.device_bytes(self.least_fixed(g) + max(0, self.table.acts[option]) // g.divisor)
 
     def device_bytes(self, tensor_bytes: int) -> int:
-        return int(tensor_bytes * self.device_ratio) + self.device_extra + self.workspace
+        """The device level of a tensor peak (see `__init__`)."""
+        fixed = self.table.fixed.total
+        over = min(tensor_bytes, fixed) * self.fixed_ratio + max(0, tensor_bytes - fixed) * self.churn_ratio
+        return tensor_bytes + int(over) + self.device_extra + self.workspace
 
     def tensor_bytes(self, device_bytes: int) -> int:
-        return int((device_bytes - self.workspace - self.device_extra) / self.device_ratio)
+        """The tensor peak whose device level is `device_bytes` (`device_bytes`'s inverse)."""
+        t = device_bytes - self.workspace - self.device_extra
+        fixed = self.table.fixed.total
+        if t <= fixed * (1 + self.fixed_ratio):
+            return int(t / (1 + self.fixed_ratio))
+        return fixed + int((t - fixed * (1 + self.fixed_ratio)) / (1 + self.churn_ratio))
 
     def global_cost(self, g: StepWide) -> tuple[float, float]:
         """(cost, time factor) of a step-wide setting."""
@@ -212,27 +272,58 @@ class Planner:
         least = self._base(g) + sum(b for _, b, _ in picks) - self._plain_saved(g)
         used = {o for what, _, _ in picks for o in what.values() if o is not None and o in self.table.acts}
         floors = [self.least_fixed(g) + self.inputs + max(0, self.table.acts[o]) // g.divisor for o in used]
-        return max([least, self.least_fixed(g) + self.inputs, *floors])
+        return max([least, self.least_fixed(g) + self.inputs, *floors, self.optimizer_peak(g)])
+
+    def optimizer_peak(self, g: StepWide, chosen: dict[str, Option] | None = None) -> int:
+        """The optimizer step's tensor peak under `g` with per-unit options `chosen` (None: the least
+        any plan has): the fixed bytes, the batch, and the step's own temporaries (a config's that
+        replaces torch's step, else torch's as measured in plain), in largest parameters."""
+        largest = self.largest(chosen)
+        temps = max((e.step_temps for e in g.effects), default=0.0)
+        rise = int((temps * self.slots if temps else self.step_rise) * largest)
+        if chosen is None:
+            return self._least_fixed(g, backward=False) + self.inputs + rise
+        fixed = g.fixed(self.table.fixed, largest, backward=False) + sum(
+            g.fixed(self.by_name[n].fixed[o]) - g.fixed(self.by_name[n].fixed[None]) for n, o in chosen.items()
+        )
+        return fixed + self.inputs + rise
 
     def modelled_peak(self, g: StepWide, chosen: dict[str, Option]) -> int:
-        """The linear model's tensor peak of per-unit options `chosen` under `g` (what `solve` fits)."""
-        held = 0
+        """The tensor peak of per-unit options `chosen` under `g` (what `solve` fits): the linear
+        model's (everything saved is held at the end of forward); or, if higher, a unit's backward
+        with what it holds again (recompute) beside what the units before it hold; or the optimizer step's."""
+        base = self._base(g, chosen) - self._plain_saved(g)
+        held, peaks = 0, [self.optimizer_peak(g, chosen)]
+        for nbytes, transient in self._in_order(g, chosen):
+            held += nbytes
+            if transient:
+                peaks.append(base + held + transient)
+        return max(base + held, *peaks)
+
+    def _in_order(self, g: StepWide, chosen: dict[str, Option]) -> list[tuple[int, int]]:
+        """(bytes held, bytes held again in its backward) per unit in forward order; a run left to the
+        units inside it holds its own rest first."""
+        out = []
         for u in self.top:
             inside = self.inside.get(u.name, [])
             if chosen.get(u.name) is not None or not inside:
-                held += self._bytes(chosen.get(u.name), u, g)
+                o = chosen.get(u.name)
+                out.append((self._bytes(o, u, g), self._transient(o, u, g)))
             else:  # a run left to the units inside it
-                rest = self._saved(None, u, g) - sum(self._saved(None, c, g) for c in inside)
-                held += rest + sum(self._bytes(chosen.get(c.name), c, g) for c in inside)
-        return self._base(g) - self._plain_saved(g) + held
+                out.append((self._saved(None, u, g) - sum(self._saved(None, c, g) for c in inside), 0))
+                out += [
+                    (self._bytes(chosen.get(c.name), c, g), self._transient(chosen.get(c.name), c, g)) for c in inside
+                ]
+        return out
 
     def _plain_act(self) -> int:
         """Plain's tensor peak less its fixed bytes and the input batch (whole however it is split)."""
         return self.plain.predicted.peak_total_bytes - self.table.fixed.total - self.inputs
 
-    def _base(self, g: StepWide) -> int:
-        """The modelled tensor peak under `g` with every unit plain."""
-        fixed = g.fixed(self.table.fixed, self.table.largest_gradient)
+    def _base(self, g: StepWide, chosen: dict[str, Option] | None = None) -> int:
+        """The modelled tensor peak under `g` with every unit plain (its largest parameter as under
+        `chosen`, or the least any plan has)."""
+        fixed = g.fixed(self.table.fixed, self.largest(chosen))
         return fixed + g.activations(self._plain_act()) + self.inputs
 
     def _plain_saved(self, g: StepWide) -> int:
@@ -240,9 +331,25 @@ class Planner:
 
     def solve(self, g: StepWide, budget: int) -> tuple[dict[str, Option], float, float] | None:
         """Per-unit options under setting `g` whose modelled device peak fits `budget`:
-        ({unit: option}, cost, predicted time factor); None when none does."""
+        ({unit: option}, cost, predicted time factor); None when none does. The knapsack fits the
+        linear model; a plan whose recompute or optimizer step goes over is solved again lower."""
+        if self.device_bytes(self.optimizer_peak(g)) > budget:
+            return None
+        target = budget
+        for _ in range(SOLVE_TRIES):
+            got = self._knapsack(g, budget, target)
+            if got is None:
+                return None
+            over = self.device_bytes(self.modelled_peak(g, got[0])) - budget
+            if over <= 0:
+                return got
+            target -= over
+        return None
+
+    def _knapsack(self, g: StepWide, budget: int, target: int) -> tuple[dict[str, Option], float, float] | None:
+        """The least-cost per-unit options allowed under `budget` whose linear model fits `target`."""
         plain_act = self._plain_act()
-        act_budget = self.tensor_bytes(budget) - g.fixed(self.table.fixed, self.table.largest_gradient) - self.inputs
+        act_budget = self.tensor_bytes(target) - g.fixed(self.table.fixed, self.largest()) - self.inputs
         groups = self.groups(g, budget)
         if not all(groups):
             return None

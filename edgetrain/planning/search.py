@@ -252,7 +252,7 @@ def estimate_plan(
     apply_plan_(m, Choices([c for c in choices.methods if c.structural], choices.layers).for_shapes())
     rest = [c for c in choices.methods if not c.structural]
     r = request
-    est = estimate(m, r.input_shape, r.batch_size, r.optimizer, profile, rest, num_classes, r.model)
+    est = estimate(m, r.input_shape, r.batch_size, r.optimizer, profile, rest, num_classes, r.model, counts=False)
     est.methods = [choices.summary()]
     return est
 

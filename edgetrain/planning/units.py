@@ -47,6 +47,7 @@ class Fixed:
     params: int = 0
     gradients: int = 0
     state: int = 0
+    largest: int = 0  # the largest trainable parameter's bytes (its gradient and step's temporaries)
 
     @property
     def total(self) -> int:
@@ -75,6 +76,7 @@ class UnitTable:
     fixed: Fixed  # the whole model's, plain
     flops: int  # forward FLOPs of the whole model
     largest_gradient: int = 0  # a gradient is whole at least once: the floor of what a step holds of them
+    outside_largest: int = 0  # the largest trainable parameter outside every unit (no option changes it)
 
 
 def find_units(model: nn.Module, handlers: list[MethodHandler] | None = None) -> list[Unit]:
@@ -147,8 +149,11 @@ def unit_table(
                 u.saved[o] = handler_for(o).derive(o, {s: u.saved[s] for s in sources})
                 u.fixed[o] = u.fixed[sources[0]]  # derived options keep their source's weights
         u.flops = sum(v for k, v in table["flops"].items() if k == u.name or k.startswith(u.name + "."))
-    largest = max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), default=0)
-    return UnitTable(units, table["acts"], fixed_of(model, spec.optimizer), sum(table["flops"].values()), largest)
+    fixed = fixed_of(model, spec.optimizer)
+    tops = [u.name for u in units if u.parent is None]
+    outside = max((p.numel() * p.element_size() for n, p in model.named_parameters()
+                   if p.requires_grad and not any(_within(n, t) for t in tops)), default=0)  # fmt: skip
+    return UnitTable(units, table["acts"], fixed, sum(table["flops"].values()), fixed.largest, outside)
 
 
 def _measure(model: nn.Module, spec: StepSpec, units: list[Unit], options: list[Option]) -> dict[str, dict]:
@@ -187,8 +192,8 @@ def _measure_option(model: nn.Module, spec: StepSpec, units: list[Unit], option:
 def fixed_of(module: nn.Module, optimizer: str) -> Fixed:
     """Parameters and buffers of `module`, plus gradients and optimizer state of its trainable ones."""
     every = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-    trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-    return Fixed(every, trainable, trainable * OPTIMIZERS.get(optimizer, 1))
+    sizes = [p.numel() * p.element_size() for p in module.parameters() if p.requires_grad]
+    return Fixed(every, sum(sizes), sum(sizes) * OPTIMIZERS.get(optimizer, 1), max(sizes, default=0))
 
 
 def throughput(profile: DeviceProfile | None) -> tuple[float, float]:

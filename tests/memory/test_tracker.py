@@ -120,3 +120,27 @@ def test_the_within_op_peak_is_the_cpu_allocators_peak(groups, methods):
     truth = before + _allocator_peak(lambda: train_step(net, x, y, opt, settings))
     assert rep.peak_bytes < truth  # the tensors alone miss the ops' inner copies
     assert abs(rep.within_op_peak_bytes / truth - 1) < 0.01
+
+
+def test_rise_in_a_phase_is_above_where_the_phase_began():
+    tr = MemoryTracker()
+    with tr:
+        keep = torch.ones(100)  # 400 B before the phase
+        with tr.in_phase("optimizer"):
+            a = torch.ones(50)  # +200
+            b = torch.ones(25)  # +100: 300 above the phase's start
+            del a, b
+            c = torch.ones(10)  # +40 after the frees
+        d = torch.ones(1000)  # after the phase: not its rise
+    rep = tr.report()
+    assert rep.rise_in("optimizer") == 300
+    assert rep.rise_in("backward") == 0  # a phase that did not run
+    del keep, c, d
+
+
+def test_an_sgd_step_rises_by_about_its_largest_parameter():
+    """What the planner reads as torch's step's own temporaries (momentum SGD with weight decay)."""
+    model = _mlp()
+    r = tracked_step(model, StepSpec((3, 8, 8), 32, 10), fake=True)
+    largest = max(p.numel() * 4 for p in model.parameters())
+    assert 0 < r.rise_in("optimizer") <= 2 * largest

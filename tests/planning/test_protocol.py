@@ -82,9 +82,10 @@ def toy(monkeypatch):
     return _register(monkeypatch, ToyHandler())
 
 
-def _plan(budget_mib: int):
+def _plan(budget_mib: int, allow: str = "lossy"):
     model = create_model("cifar_resnet20")
-    return plan_for(model, (3, 32, 32), 64, "gtx750-1gb", name="cifar_resnet20", budget_bytes=budget_mib * MiB)
+    return plan_for(model, (3, 32, 32), 64, "gtx750-1gb", name="cifar_resnet20", budget_bytes=budget_mib * MiB,
+                    allow=allow)  # fmt: skip
 
 
 def _budget() -> int:
@@ -259,6 +260,6 @@ def test_a_run_of_blocks_is_one_unit_with_its_own_options_or_its_blocks(stage):
     assert [(n, c.name) for n, c in plan.choices.layers.items()] == [("layers", "toy-stage")], plan.summary()
     assert plan.predicted.peak_device_bytes <= budget * MiB
     stage.price = 10.0
-    plan = _plan(budget)
+    plan = _plan(budget, "exact")  # (lossy: micro-batches of 32 images may be cheaper than either)
     assert "layers" not in plan.choices.layers and any(n.startswith("layers.") for n in plan.choices.layers)
     assert plan.predicted.peak_device_bytes <= budget * MiB

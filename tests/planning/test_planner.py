@@ -1,0 +1,56 @@
+"""The planner's model of a plan's peak (`Planner.modelled_peak`) against the exact fake step, on
+a VGG-like model whose classifier holds the largest parameter: never under, and close."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgetrain.core.step import StepSpec
+from edgetrain.devices.store import get_device
+from edgetrain.methods.base import as_config
+from edgetrain.planning.planner import Planner
+from edgetrain.planning.record import Choices, PlanRequest
+from edgetrain.planning.search import estimate_plan
+
+
+class _TinyVGG(nn.Module):
+    """A stage of plain layers (checkpointed whole, it recomputes them all) and a classifier whose
+    first linear is the largest parameter (its gradient and the optimizer's temporaries)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 8 * 8, 1024), nn.ReLU(), nn.Linear(1024, 10))
+
+    def forward(self, x):  # (N, 3, 32, 32) -> (N, 10)
+        return self.classifier(self.features(x))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_modelled_peak_is_never_under_the_exact_step(optimizer):
+    """Micro-batches (a new gradient beside the accumulated one), packed optimizer state (its step's
+    float32 temporaries), and a checkpointed stage (recomputed whole in its backward): each moves
+    the peak to where the linear model of saved bytes alone is under the exact step."""
+    model, profile = _TinyVGG(), get_device("cpu")
+    request = PlanRequest("tiny", (3, 32, 32), 64, optimizer, profile.name, 2**30, "speed", "lossy", 1)
+    plain = estimate_plan(model, Choices(), request, profile, 10)
+    planner = Planner(model, StepSpec((3, 32, 32), 64, 10, optimizer), profile, "speed", plain, "lossy")
+    checked = 0
+    for g in planner.settings():
+        names = {c.name for c in g.configs}
+        micro = next((c.micro_batches for c in g.configs if c.name == "microbatch"), 1)
+        if names & {"precision", "step-in-backward"} or micro not in (1, 4):
+            continue
+        for stage in (None, as_config("checkpoint")):
+            chosen = {u.name: stage if u.name == "features" else None for u in planner.top}
+            exact = estimate_plan(model, planner.to_choices(g, chosen), request, profile, 10).predicted.peak_total_bytes
+            modelled = planner.modelled_peak(g, chosen)
+            assert exact * 0.995 <= modelled <= exact * 1.3, (g.label(), stage, modelled, exact)
+            checked += 1
+    assert checked == 12  # optimizer state fp32/bf16/int8 x micro-batches 1/4 x stage plain/checkpointed
