@@ -68,6 +68,15 @@ class MemoryReport:
                 best = max(best, live)
         return best
 
+    def peak_in(self, phases: tuple[str, ...]) -> int:
+        """Highest live bytes (every category) while one of `phases` runs."""
+        live, best = 0, 0
+        for delta, _, ph in self.events:
+            live += delta
+            if ph in phases:
+                best = max(best, live)
+        return best
+
     def rise_in(self, phase: str) -> int:
         """How far live bytes rose above where they stood when `phase` first began, within its
         first span (e.g. the optimizer step's own temporaries); 0 when the phase did not run."""

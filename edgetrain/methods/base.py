@@ -34,12 +34,20 @@ if TYPE_CHECKING:
 UNIT_KINDS = ("run", "block", "layer")
 
 
+# The most a change of the layers risks (Tucker-2 below a fifth of the FLOPs). A config that keeps the
+# layers but risks more (micro-batches of one image under BatchNorm: -21 points on digits, bench/levers.txt)
+# changes the training more than a change of the layers: it is at that level.
+LAYER_CHANGE_RISK = 7
+
+
 def change_level(config: MethodConfig, risk: int | None = None) -> str:
-    """Its `CHANGE_LEVELS` entry: 'architecture' for a config that changes the layers, else 'lossy'
-    when it risks accuracy (`risk`: a step-wide config's effective risk on this model), else 'exact'."""
-    if config.structural or config.changes_layers:
+    """Its `CHANGE_LEVELS` entry: 'architecture' for a config that changes the layers or risks more
+    than such a change (`LAYER_CHANGE_RISK`), else 'lossy' when it risks accuracy (`risk`: a
+    step-wide config's effective risk on this model), else 'exact'."""
+    risk = config.risk if risk is None else risk
+    if config.structural or config.changes_layers or risk > LAYER_CHANGE_RISK:
         return "architecture"
-    return "lossy" if (config.risk if risk is None else risk) > 0 else "exact"
+    return "lossy" if risk > 0 else "exact"
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,8 @@ class StepEffect:
     the peak, `param_copies` of the parameter bytes are held again as copies (autocast's
     half-precision weights, saved for backward), the step takes `time_factor` times as long, and it
     risks `risk` ranks of accuracy. `step_temps`: the optimizer step's own temporaries, in largest
-    parameters per optimizer-state slot, where the config replaces torch's step (0: torch's, which
-    the planner measures in plain's step)."""
+    parameters per optimizer-state slot, where the config changes how the step runs (None: torch's
+    step, which the planner measures in plain's)."""
 
     activation_scale: float = 1.0
     batch_divisor: int = 1
@@ -72,7 +80,7 @@ class StepEffect:
     time_factor: float = 1.0
     risk: int = 0
     reason: str = ""
-    step_temps: float = 0.0
+    step_temps: float | None = None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ class StepInBackwardHandler(MethodHandler):
     ) -> StepEffect:
         return StepEffect(
             gradient_scale=0.0,
+            step_temps=0.0,  # each parameter is stepped beside its own gradient (AdamW's in 2^20-element views)
             time_factor=TIME_FACTOR,
             reason="step-in-backward: each gradient is applied and freed as soon as it is complete",
         )

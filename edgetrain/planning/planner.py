@@ -146,7 +146,7 @@ class Planner:
         self.slots = OPTIMIZERS.get(spec.optimizer, 1)  # optimizer-state tensors per parameter
         rise = plain.report.rise_in("optimizer") if plain.report is not None else 0  # torch's step's temporaries,
         self.step_rise = rise / max(1, self.table.largest_gradient)  # in largest parameters
-        self._least: dict[StepWide, int] = {}  # least_fixed by setting (this table's)
+        self._least: dict[tuple[StepWide, str], int] = {}  # least_fixed by setting and level (this table's)
 
     def _saved(self, option: Option, unit: Unit, g: StepWide) -> int:
         keeps = option is None or handler_for(option).keeps_dtype(option)
@@ -214,14 +214,14 @@ class Planner:
 
     def least_fixed(self, g: StepWide) -> int:
         """The least fixed bytes any plan under `g` holds (every unit at its lightest weights)."""
-        if g not in self._least:
-            self._least[g] = self._least_fixed(g)
-        return self._least[g]
+        if (g, self.allow) not in self._least:
+            self._least[(g, self.allow)] = self._least_fixed(g)
+        return self._least[(g, self.allow)]
 
     def _least_fixed(self, g: StepWide, backward: bool = True) -> int:
         units = self.table.units
         return g.fixed(self.table.fixed, self.largest(), backward) + sum(
-            min(g.fixed(u.fixed[o]) - g.fixed(u.fixed[None]) for o in u.options) for u in units
+            min(g.fixed(u.fixed[o]) - g.fixed(u.fixed[None]) for o in u.options if self.allowed(o)) for u in units
         )
 
     def largest(self, chosen: dict[str, Option] | None = None) -> int:
@@ -232,7 +232,7 @@ class Planner:
     def _unit_largest(self, u: Unit, chosen: dict[str, Option] | None) -> int:
         inside = self.inside.get(u.name, [])
         if chosen is None:
-            own = min(u.fixed[o].largest for o in u.options)
+            own = min(u.fixed[o].largest for o in u.options if self.allowed(o))
             return min(own, max(self._unit_largest(c, None) for c in inside)) if inside else own
         option = chosen.get(u.name)
         if option is not None or not inside:
@@ -266,10 +266,10 @@ class Planner:
         return factor - 1 + self.weight * risk, factor
 
     def least_peak(self, g: StepWide) -> int:
-        """The modelled tensor peak under `g` with every unit at its lightest option: the linear
-        model's, or the floor of an option it uses (its forward's transients), if higher."""
+        """The modelled tensor peak under `g` with every unit at the option that holds least: its
+        `modelled_peak`, or the floor of an option it uses (its forward's transients), if higher."""
         picks = [min(group, key=lambda e: e[1]) for group in self.groups(g)]
-        least = self._base(g) + sum(b for _, b, _ in picks) - self._plain_saved(g)
+        least = self.modelled_peak(g, {k: v for what, _, _ in picks for k, v in what.items()})
         used = {o for what, _, _ in picks for o in what.values() if o is not None and o in self.table.acts}
         floors = [self.least_fixed(g) + self.inputs + max(0, self.table.acts[o]) // g.divisor for o in used]
         return max([least, self.least_fixed(g) + self.inputs, *floors, self.optimizer_peak(g)])
@@ -279,8 +279,8 @@ class Planner:
         any plan has): the fixed bytes, the batch, and the step's own temporaries (a config's that
         replaces torch's step, else torch's as measured in plain), in largest parameters."""
         largest = self.largest(chosen)
-        temps = max((e.step_temps for e in g.effects), default=0.0)
-        rise = int((temps * self.slots if temps else self.step_rise) * largest)
+        temps = [e.step_temps for e in g.effects if e.step_temps is not None]
+        rise = int((max(temps) * self.slots if temps else self.step_rise) * largest)
         if chosen is None:
             return self._least_fixed(g, backward=False) + self.inputs + rise
         fixed = g.fixed(self.table.fixed, largest, backward=False) + sum(
@@ -317,8 +317,12 @@ class Planner:
         return out
 
     def _plain_act(self) -> int:
-        """Plain's tensor peak less its fixed bytes and the input batch (whole however it is split)."""
-        return self.plain.predicted.peak_total_bytes - self.table.fixed.total - self.inputs
+        """Plain's tensor peak in forward and backward (the optimizer step's is `optimizer_peak`'s) less
+        its fixed bytes and the input batch (whole however it is split)."""
+        report, peak = self.plain.report, self.plain.predicted.peak_total_bytes
+        if report is not None and report.events:
+            peak = report.peak_in(("forward", "backward")) + self.plain.predicted.peak_by_category.get("unseen", 0)
+        return peak - self.table.fixed.total - self.inputs
 
     def _base(self, g: StepWide, chosen: dict[str, Option] | None = None) -> int:
         """The modelled tensor peak under `g` with every unit plain (its largest parameter as under

@@ -143,7 +143,7 @@ def _search(
     raise _not_fit(planner, request, g, p, est, _at_a_higher_level(planner, budget, exact))
 
 
-NEAR = 1.15  # the linear model's peak errs by a few % (recompute, ops' inner copies): beyond this, it does not fit
+NEAR = 1.15  # the model errs by a few % (the device level: segments, fragmentation): beyond this, it does not fit
 
 
 def _near(planner: Planner, budget: int, g: StepWide | None = None) -> bool:
@@ -175,7 +175,7 @@ def _first_fit(
             continue
         found.append((got[1], g, got))
     found = _undominated(found)
-    missed = sorted(missed, key=lambda m: m[0])[:TRIES]
+    missed = _adds_something(planner, sorted(missed, key=lambda m: m[0]))[:TRIES]
     for i, (cost, g, got) in enumerate(found):
         for g0 in [g0 for c0, g0 in missed if c0 < cost]:
             missed = [m for m in missed if m[1] != g0]
@@ -216,6 +216,17 @@ def _undominated(found: list[tuple[float, StepWide, tuple]]) -> list[tuple[float
     for f in found:
         if not any(set(k[1].configs) < set(f[1].configs) and k[2][0] == f[2][0] for k in keep):
             keep.append(f)
+    return keep
+
+
+def _adds_something(planner: Planner, missed: list[tuple[float, StepWide]]) -> list[tuple[float, StepWide]]:
+    """Settings by cost, less those whose lightest plan is modelled as light as that of a setting made
+    of some of their configs: the config on top changes nothing modelled (not worth an exact check)."""
+    keep: list[tuple[float, StepWide]] = []
+    for cost, g in missed:
+        least = planner.least_peak(g)
+        if not any(set(k.configs) < set(g.configs) and planner.least_peak(k) <= least for _, k in keep):
+            keep.append((cost, g))
     return keep
 
 

@@ -164,3 +164,27 @@ def test_micro_batch_risk_follows_the_images_batchnorm_sees():
                   and len(g.configs) == 1}  # fmt: skip
         assert effect[64].risk == (risks[64] if has_bn else 0) and effect[4].risk == (2 if has_bn else 0)
         assert ("BatchNorm normalizes over 1 image" in effect[64].reason) == has_bn
+
+
+def test_one_image_micro_batches_are_weighed_as_a_change_of_the_layers():
+    """One image a micro-batch under BatchNorm risks more than any change of the layers: only at
+    `--allow architecture` (and without BatchNorm, where nothing is normalized, at every level)."""
+    from edgetrain.core.step import StepSpec
+    from edgetrain.devices.store import get_device
+    from edgetrain.memory.predict import num_classes_of
+    from edgetrain.methods.base import LAYER_CHANGE_RISK, change_level
+    from edgetrain.methods.precision import MicrobatchConfig
+    from edgetrain.planning.planner import Planner
+    from edgetrain.planning.record import Choices, PlanRequest
+    from edgetrain.planning.search import estimate_plan
+
+    assert change_level(MicrobatchConfig(8, images=1)) == "architecture" and MicrobatchConfig(8, images=1).risk > 7
+    assert change_level(MicrobatchConfig(4, images=2)) == "lossy" and LAYER_CHANGE_RISK == 7
+    model, profile = create_model("cifar_resnet8"), get_device("jetson-nano")
+    plain = estimate_plan(model, Choices(), PlanRequest(batch_size=8, input_shape=(3, 32, 32)), profile)
+    spec = StepSpec((3, 32, 32), 8, num_classes_of(model))
+    splits = {}
+    for allow in ("lossy", "architecture"):
+        settings = Planner(model, spec, profile, "speed", plain, allow).settings()
+        splits[allow] = {c.micro_batches for g in settings for c in g.configs if c.name == "microbatch"}
+    assert max(splits["lossy"]) == 4 and max(splits["architecture"]) == 8
