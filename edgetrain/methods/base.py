@@ -59,7 +59,6 @@ class UnitCost:
     saved_plain: int
     gflops: float
     bandwidth_gbs: float
-    largest_saved: int = 0  # the largest tensor the unit saves plain (one map: what a layer's backward works on)
 
 
 @dataclass(frozen=True)
@@ -151,9 +150,9 @@ class MethodHandler:
         """Extra step time of `config` on one unit."""
         return 0.0
 
-    def backward_transient(self, config: MethodConfig, unit: UnitCost) -> int:
+    def backward_transient(self, config: MethodConfig, saved_plain: int) -> int:
         """Bytes a unit holds again while its backward runs, beyond what it saved (recompute
-        regenerates activations; a codec decodes a layer's input), at most."""
+        regenerates activations), at most: from the unit's plain saved bytes."""
         return 0
 
     def step_candidates(self, profile: DeviceProfile, batch_size: int) -> list[MethodConfig]:

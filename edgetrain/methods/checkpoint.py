@@ -76,9 +76,9 @@ class CheckpointHandler(MethodHandler):
         """A second forward of the block in backward."""
         return unit.flops / (unit.gflops * 1e9)
 
-    def backward_transient(self, config: MethodConfig, unit: UnitCost) -> int:
+    def backward_transient(self, config: MethodConfig, saved_plain: int) -> int:
         """The block's activations, recomputed for its backward (a stage's: one segment's, at most all)."""
-        return unit.saved_plain
+        return saved_plain
 
     def eligible(self, name: str, module: nn.Module, config: MethodConfig) -> bool:
         if type(module).__name__ in BLOCK_TYPES:

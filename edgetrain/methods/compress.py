@@ -246,7 +246,6 @@ class _Compressed:
             return super().forward(x, *args, **kwargs)
 
 
-BACKWARD_MAPS = 3  # a layer's backward: its decoded input, the gradient in, the gradient out
 PASSES_PER_PACKED_BYTE = 24.0  # read, noise, scale, round, pack, then unpack and rescale: bytes moved / byte saved
 PLANNED_BITS = (8, 4, 2)
 
@@ -277,11 +276,6 @@ class CompressHandler(MethodHandler):
     def seconds(self, config: MethodConfig, unit: UnitCost) -> float:
         """Packing traffic: a number of passes over the bytes it would have saved plain."""
         return PASSES_PER_PACKED_BYTE * unit.saved_plain / (unit.bandwidth_gbs * 1e9)
-
-    def backward_transient(self, config: MethodConfig, unit: UnitCost) -> int:
-        """A layer's backward decodes its input beside the gradients in and out: three of the unit's
-        largest maps (vgg11_bn's features at b32: 1.2 of 2.3 GiB, where they hold 0.2 packed)."""
-        return BACKWARD_MAPS * unit.largest_saved
 
     def eligible(self, name: str, module: nn.Module, config: MethodConfig) -> bool:
         return isinstance(module, LAYER_TYPES)

@@ -41,7 +41,6 @@ from edgetrain.planning.units import (
     has_batchnorm,
     option_seconds,
     step_seconds,
-    unit_cost,
     unit_table,
 )  # fmt: skip
 
@@ -179,7 +178,7 @@ class Planner:
         """What `option` holds again on `unit` while the unit's backward runs (recompute)."""
         if option is None:
             return 0
-        return g.activations(handler_for(option).backward_transient(option, unit_cost(unit, self.profile)))
+        return g.activations(handler_for(option).backward_transient(option, unit.saved[None]))
 
     def _choices(self, u: Unit, g: StepWide, budget: float) -> list[tuple[dict[str, Option], int, float]]:
         return [({u.name: o}, self._bytes(o, u, g), self._cost(u, o)) for o in u.options

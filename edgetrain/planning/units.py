@@ -63,7 +63,6 @@ class Unit:
     saved: dict[Option, int] = field(default_factory=dict)  # option -> saved bytes
     fixed: dict[Option, Fixed] = field(default_factory=dict)  # option -> the unit's own fixed bytes
     parent: str | None = None  # the run of blocks this unit is inside, if any
-    largest_saved: int = 0  # the largest tensor it saves plain
 
 
 @dataclass
@@ -150,7 +149,6 @@ def unit_table(
                 u.saved[o] = handler_for(o).derive(o, {s: u.saved[s] for s in sources})
                 u.fixed[o] = u.fixed[sources[0]]  # derived options keep their source's weights
         u.flops = sum(v for k, v in table["flops"].items() if k == u.name or k.startswith(u.name + "."))
-        u.largest_saved = table["largest"].get(u.name, 0)
     fixed = fixed_of(model, spec.optimizer)
     tops = [u.name for u in units if u.parent is None]
     outside = max((p.numel() * p.element_size() for n, p in model.named_parameters()
@@ -161,7 +159,7 @@ def unit_table(
 def _measure(model: nn.Module, spec: StepSpec, units: list[Unit], options: list[Option]) -> dict[str, dict]:
     """One fake forward per option (plain: step): {"acts": option -> peak less fixed bytes, "saved": (unit, option)
     -> saved bytes, "flops": module -> forward FLOPs, "fixed": (unit, option) -> `Fixed`}."""
-    out: dict[str, dict] = {"acts": {}, "saved": {}, "flops": {}, "fixed": {}, "largest": {}}
+    out: dict[str, dict] = {"acts": {}, "saved": {}, "flops": {}, "fixed": {}}
     for option in options:
         out["acts"][option] = _measure_option(model, spec, units, option, out, out["flops"] if option is None else None)
     return out
@@ -186,10 +184,7 @@ def _measure_option(model: nn.Module, spec: StepSpec, units: list[Unit], option:
     mods = dict(m.named_modules())
     for u in (u for u in units if option in u.options):
         a, b = ranges.get(u.name, [0, 0])
-        sizes = [rep.sizes[r] for r in range(a, b) if rep.categories[r] == "activations"]
-        out["saved"][(u.name, option)] = sum(sizes)
-        if option is None:
-            out["largest"][u.name] = max(sizes, default=0)
+        out["saved"][(u.name, option)] = sum(rep.sizes[r] for r in range(a, b) if rep.categories[r] == "activations")
         out["fixed"][(u.name, option)] = fixed_of(mods[u.name], spec.optimizer)
     return rep.peak_bytes - fixed_of(m, spec.optimizer).total
 
@@ -211,13 +206,8 @@ def option_seconds(unit: Unit, option: Option, profile: DeviceProfile | None) ->
     """Extra step time of `option` on `unit`, as its handler prices it (plain: none)."""
     if option is None:
         return 0.0
-    return handler_for(option).seconds(option, unit_cost(unit, profile))
-
-
-def unit_cost(unit: Unit, profile: DeviceProfile | None) -> UnitCost:
-    """What a handler prices `unit` from: its FLOPs, plain saved bytes and largest map, the device's throughput."""
     gflops, bandwidth = throughput(profile)
-    return UnitCost(unit.flops, unit.saved[None], gflops, bandwidth, unit.largest_saved)
+    return handler_for(option).seconds(option, UnitCost(unit.flops, unit.saved[None], gflops, bandwidth))
 
 
 def step_seconds(table: UnitTable, profile: DeviceProfile | None) -> float:
