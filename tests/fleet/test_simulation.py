@@ -48,6 +48,7 @@ def test_a_mixed_fleet_of_torch_and_onnxruntime_clients_trains_together(artifact
     assert (out / "accuracy.png").is_file() and json.loads((out / "state.json").read_text())["round"] == 2
 
 
+@pytest.mark.slow  # ~31 s; the mismatch line itself: test_wire.py and test_server.py (fast)
 def test_onnxruntime_artifacts_with_another_trainable_set_stop_the_fleet_with_one_line(artifacts, tmp_path, capsys):
     code = main(["fleet", "simulate", "--model", "cifar_resnet8", "--clients", "2", "--min-clients", "2",
                  "--rounds", "1", "--trainable", "layers.2,fc", "--partition", "iid", "--ort-clients", "1",
