@@ -145,7 +145,7 @@ class Planner:
         self.inputs = plain.predicted.peak_by_category.get("inputs", 0)  # the batch: micro-batches are its views
         self.slots = OPTIMIZERS.get(spec.optimizer, 1)  # optimizer-state tensors per parameter
         rise = plain.report.rise_in("optimizer") if plain.report is not None else 0  # torch's step's temporaries,
-        self.step_rise = rise / max(1, self.table.largest_gradient)  # in largest parameters
+        self.step_rise = rise / max(1, self.table.fixed.largest)  # in largest parameters
         self._least: dict[tuple[StepWide, str], int] = {}  # least_fixed by setting and level (this table's)
 
     def _saved(self, option: Option, unit: Unit, g: StepWide) -> int:
@@ -277,7 +277,7 @@ class Planner:
     def optimizer_peak(self, g: StepWide, chosen: dict[str, Option] | None = None) -> int:
         """The optimizer step's tensor peak under `g` with per-unit options `chosen` (None: the least
         any plan has): the fixed bytes, the batch, and the step's own temporaries (a config's that
-        replaces torch's step, else torch's as measured in plain), in largest parameters."""
+        changes how the step runs, else torch's as measured in plain), in largest parameters."""
         largest = self.largest(chosen)
         temps = [e.step_temps for e in g.effects if e.step_temps is not None]
         rise = int((max(temps) * self.slots if temps else self.step_rise) * largest)

@@ -75,7 +75,6 @@ class UnitTable:
     acts: dict[Option, int]  # option applied everywhere -> tensor peak (see above) less its fixed bytes
     fixed: Fixed  # the whole model's, plain
     flops: int  # forward FLOPs of the whole model
-    largest_gradient: int = 0  # a gradient is whole at least once: the floor of what a step holds of them
     outside_largest: int = 0  # the largest trainable parameter outside every unit (no option changes it)
 
 
@@ -153,7 +152,7 @@ def unit_table(
     tops = [u.name for u in units if u.parent is None]
     outside = max((p.numel() * p.element_size() for n, p in model.named_parameters()
                    if p.requires_grad and not any(_within(n, t) for t in tops)), default=0)  # fmt: skip
-    return UnitTable(units, table["acts"], fixed, sum(table["flops"].values()), fixed.largest, outside)
+    return UnitTable(units, table["acts"], fixed, sum(table["flops"].values()), outside)
 
 
 def _measure(model: nn.Module, spec: StepSpec, units: list[Unit], options: list[Option]) -> dict[str, dict]:
