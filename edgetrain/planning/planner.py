@@ -119,10 +119,10 @@ class Planner:
     """Holds the unit table of one model/step and answers for each step-wide setting."""
 
     def __init__(self, model: nn.Module, spec: StepSpec, profile: DeviceProfile, prefer: str, plain: Estimate,
-                 allow: str = DEFAULT_ALLOW, processes: int = 1):  # fmt: skip
+                 allow: str = DEFAULT_ALLOW, processes: int = 1, known: UnitTable | None = None):  # fmt: skip
         self.model, self.spec, self.profile, self.weight = model, spec, profile, PREFER[prefer]
         self.plain, self.allow, self.prefer, self.processes = plain, allow, prefer, processes
-        self.table: UnitTable = unit_table(model, spec, keep=self.allowed)
+        self.table: UnitTable = unit_table(model, spec, keep=self.allowed, known=known)
         self.t0 = step_seconds(self.table, profile)
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # registration: forward order, as a rule
         units = sorted(self.table.units, key=lambda u: order.get(u.name, len(order)))
@@ -157,8 +157,8 @@ class Planner:
         return self._saved(option, unit, g) + g.fixed(unit.fixed[option]) - g.fixed(unit.fixed[None])
 
     def at(self, allow: str) -> Planner:
-        """The same question at another change level (its options measured anew)."""
-        return Planner(self.model, self.spec, self.profile, self.prefer, self.plain, allow, self.processes)
+        """The same question at another change level (only the options this one lacks are measured)."""
+        return Planner(self.model, self.spec, self.profile, self.prefer, self.plain, allow, self.processes, self.table)
 
     def allowed(self, config: MethodConfig | None, risk: int | None = None) -> bool:
         """Whether `config` changes the training no more than `allow` lets it (and, with several

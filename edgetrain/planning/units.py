@@ -76,6 +76,7 @@ class UnitTable:
     fixed: Fixed  # the whole model's, plain
     flops: int  # forward FLOPs of the whole model
     outside_largest: int = 0  # the largest trainable parameter outside every unit (no option changes it)
+    module_flops: dict[str, int] = field(default_factory=dict)  # module -> forward FLOPs (plain's)
 
 
 def find_units(model: nn.Module, handlers: list[MethodHandler] | None = None) -> list[Unit]:
@@ -122,20 +123,28 @@ def _range_hooks(model: nn.Module, units: list[Unit], ranges: dict[str, list[int
 
 
 def unit_table(
-    model: nn.Module, spec: StepSpec, units: list[Unit] | None = None, keep: Callable[[Option], bool] | None = None
+    model: nn.Module,
+    spec: StepSpec,
+    units: list[Unit] | None = None,
+    keep: Callable[[Option], bool] | None = None,
+    known: UnitTable | None = None,
 ) -> UnitTable:
     """Run one fake forward pass per measured option (applied to every unit that has it; plain: a
     whole step, whose peak the planner starts from), split saved bytes
     by unit, and derive the options a handler computes from others (`derived_from`). `keep`: the
-    options to weigh (the others are not measured). (A fake step costs by its ops, not its batch:
-    measuring at a smaller batch saves nothing.)"""
+    options to weigh (the others are not measured). `known`: a table of the same model and step
+    (another change level's) whose options are taken as measured. (A fake step costs by its ops,
+    not its batch: measuring at a smaller batch saves nothing.)"""
     units = units if units is not None else find_units(model)
     if keep is not None:
         for u in units:
             u.options = tuple(o for o in u.options if o is None or keep(o))
     every = list(dict.fromkeys(o for u in units for o in u.options))
     derived = {o: handler_for(o).derived_from(o) for o in every if o is not None and handler_for(o).derived_from(o)}
-    table = _measure(model, spec, units, [o for o in every if o not in derived])
+    have = known.acts if known is not None else {}
+    table = _measure(model, spec, units, [o for o in every if o not in derived and o not in have])
+    if known is not None:
+        _take_known(table, known, every)
     for o, sources in derived.items():  # a floor: the least of its sources' all-option peaks (what
         peaks = [table["acts"][s] for s in sources if s in table["acts"]]  # they share: the codec's transient)
         if peaks:
@@ -152,7 +161,17 @@ def unit_table(
     tops = [u.name for u in units if u.parent is None]
     outside = max((p.numel() * p.element_size() for n, p in model.named_parameters()
                    if p.requires_grad and not any(_within(n, t) for t in tops)), default=0)  # fmt: skip
-    return UnitTable(units, table["acts"], fixed, sum(table["flops"].values()), outside)
+    return UnitTable(units, table["acts"], fixed, sum(table["flops"].values()), outside, table["flops"])
+
+
+def _take_known(table: dict[str, dict], known: UnitTable, options: list[Option]) -> None:
+    """Copy into `table` what `known` measured of `options`: peaks, each unit's saved and fixed bytes,
+    and the FLOPs (measured with plain, which every table has)."""
+    for o in (o for o in options if o in known.acts):
+        table["acts"][o] = known.acts[o]
+        for u in (u for u in known.units if o in u.saved):
+            table["saved"][(u.name, o)], table["fixed"][(u.name, o)] = u.saved[o], u.fixed[o]
+    table["flops"].update(known.module_flops)
 
 
 def _measure(model: nn.Module, spec: StepSpec, units: list[Unit], options: list[Option]) -> dict[str, dict]:

@@ -54,3 +54,27 @@ def test_the_modelled_peak_is_never_under_the_exact_step(optimizer):
             assert exact * 0.995 <= modelled <= exact * 1.3, (g.label(), stage, modelled, exact)
             checked += 1
     assert checked == 12  # optimizer state fp32/bf16/int8 x micro-batches 1/4 x stage plain/checkpointed
+
+
+def test_a_higher_level_measures_only_the_options_the_lower_lacks(monkeypatch):
+    """`Planner.at` (the one-line answer's search one level up) keeps what the lower level measured:
+    its table equals one measured anew, and only the added (low-rank) options run a fake pass."""
+    from edgetrain.planning import units
+
+    model, profile = _TinyVGG(), get_device("gtx750-1gb")
+    request = PlanRequest("tiny", (3, 32, 32), 64, "sgd", profile.name, 2**30, "speed", "lossy", 1)
+    plain = estimate_plan(model, Choices(), request, profile, 10)
+    spec = StepSpec((3, 32, 32), 64, 10, "sgd")
+    lossy = Planner(model, spec, profile, "speed", plain, "lossy")
+    passes = []
+    real = units._measure_option
+    monkeypatch.setattr(units, "_measure_option", lambda *a: passes.append(a[3]) or real(*a))
+    up = lossy.at("architecture")
+    up_passes, passes[:] = list(passes), []
+    fresh = Planner(model, spec, profile, "speed", plain, "architecture")
+    added = {o for u in up.table.units for o in u.options} - {o for u in lossy.table.units for o in u.options}
+    assert added and all(o.structural for o in added)
+    assert up_passes and set(up_passes) <= added and len(passes) > len(up_passes) and None in passes
+    assert up.table.acts == fresh.table.acts and up.table.flops == fresh.table.flops
+    for a, b in zip(up.table.units, fresh.table.units, strict=True):
+        assert (a.name, a.options, a.saved, a.fixed, a.flops) == (b.name, b.options, b.saved, b.fixed, b.flops)
