@@ -34,7 +34,7 @@ SIZE = 224
 
 def _measure(name: str, batch: int, plan, budget: int) -> dict:
     """One real step of `plan` in a fresh process, under the guard at `budget` tensor bytes (the
-model as planned: `create_model`'s default head)."""
+    model as planned: `create_model`'s default head)."""
     req = {"model": name, "num_classes": num_classes_of(create_model(name)), "input_shape": [3, SIZE, SIZE], "batch_size": batch,
            "optimizer": plan.request.optimizer, "plan": plan.to_dict(), "budget": budget}  # fmt: skip
     t = time.perf_counter()
@@ -97,8 +97,10 @@ def main() -> None:
               f"{r['tensor_err']:>+6.1%} {r['device_tensor_err']:>+7.1%} {r['process_err']:>+7.1%} "
               f"{r['step_s']:>6.0f}  {key[2]}", flush=True)  # fmt: skip
     errs = [abs(r["tensor_err"]) for r in rows]
-    print(f"\n{len(rows)} plans ({len(seen)} distinct) ran under the guard; host tensor error at most "
-          f"{max(errs):.1%}; every device level under its budget: {all(r['device_level'] <= r['budget'] for r in rows)}")
+    print(
+        f"\n{len(rows)} plans ({len(seen)} distinct) ran under the guard; host tensor error at most "
+        f"{max(errs):.1%}; every device level under its budget: {all(r['device_level'] <= r['budget'] for r in rows)}"
+    )
     OUT.mkdir(exist_ok=True)
     (OUT / "grid_steps.json").write_text(json.dumps(rows, indent=1))
 
