@@ -122,6 +122,7 @@ class Planner:
                  allow: str = DEFAULT_ALLOW, processes: int = 1, known: UnitTable | None = None):  # fmt: skip
         self.model, self.spec, self.profile, self.weight = model, spec, profile, PREFER[prefer]
         self.plain, self.allow, self.prefer, self.processes = plain, allow, prefer, processes
+        self.max_risk: int | None = None  # a search pass's cap on a config's risk (None: the level's own)
         self.table: UnitTable = unit_table(model, spec, keep=self.allowed, known=known)
         self.t0 = step_seconds(self.table, profile)
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # registration: forward order, as a rule
@@ -166,6 +167,8 @@ class Planner:
         if config is None:
             return True
         if self.processes > 1 and not handler_for(config).replicas_ok:
+            return False
+        if self.max_risk is not None and (config.risk if risk is None else risk) > self.max_risk:
             return False
         return CHANGE_LEVELS.index(change_level(config, risk)) <= CHANGE_LEVELS.index(self.allow)
 

@@ -78,3 +78,27 @@ def test_a_higher_level_measures_only_the_options_the_lower_lacks(monkeypatch):
     assert up.table.acts == fresh.table.acts and up.table.flops == fresh.table.flops
     for a, b in zip(up.table.units, fresh.table.units, strict=True):
         assert (a.name, a.options, a.saved, a.fixed, a.flops) == (b.name, b.options, b.saved, b.fixed, b.flops)
+
+
+def test_one_image_splits_come_after_every_change_of_the_layers():
+    """At `--allow architecture` a lever that risks more than a change of the layers (one image a
+    micro-batch under BatchNorm: -21 points on digits) is searched only when no change of the layers
+    fits. On this net at 60 MiB, weighed by cost alone, the one-image split (x16 at b16) won."""
+    from edgetrain.planning import plan_for
+    from edgetrain.planning.search import _passes
+
+    p = plan_for(
+        _TinyVGG(), (3, 32, 32), 16, "gtx750-1gb", budget_bytes=60 * 2**20, allow="architecture", num_classes=10
+    )
+    splits = [c for c in p.choices.methods if c.name == "microbatch"]
+    assert p.choices.layers and splits and all(c.images >= 2 for c in splits), p.summary()
+    profile = get_device("gtx750-1gb")
+    for model, has_bn in (
+        (_TinyVGG(), True),
+        (nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 30 * 30, 10)), False),
+    ):
+        request = PlanRequest("m", (3, 32, 32), 16, "sgd", profile.name, 2**30, "speed", "architecture", 1)
+        plain = estimate_plan(model, Choices(), request, profile, 10)
+        planner = Planner(model, StepSpec((3, 32, 32), 16, 10), profile, "speed", plain, "architecture")
+        passes = [("lossy", None), ("architecture", 7)] + ([("architecture", None)] if has_bn else [])
+        assert _passes(planner, "architecture") == passes and _passes(planner, "lossy") == [("lossy", None)]
