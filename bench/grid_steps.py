@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from edgetrain.devices.store import get_device
-from edgetrain.errors import BudgetError
+from edgetrain.errors import BudgetError, EdgetrainError
 from edgetrain.memory.predict import num_classes_of
 from edgetrain.models import create_model
 from edgetrain.planning import plan_for
@@ -89,7 +89,11 @@ def main() -> None:
             continue
         key = (name, batch, plan.choices.summary())
         if key not in seen:
-            seen[key] = check(name, batch, device, plan)
+            try:
+                seen[key] = check(name, batch, device, plan)
+            except EdgetrainError as e:  # a time-out (fp16 runs slowly on a CPU): the line, and on
+                print(f"{case:<28} {allow[:6]:<6} not measured: {e}", flush=True)
+                continue
         r = {"model": name, "batch": batch, "device": device, "allow": allow, "plan": key[2], **seen[key]}
         rows.append(r)
         print(f"{case:<28} {allow[:6]:<6} {r['device_level'] / MiB:>6.0f} {r['budget'] / MiB:>6.0f} "
