@@ -25,37 +25,30 @@ from edgetrain.memory.predict import num_classes_of
 from edgetrain.models import create_model
 from edgetrain.planning import plan_for
 from edgetrain.planning.search import estimate_plan
-from edgetrain.train.probe import measure_in_subprocess
+from edgetrain.train.validate import host_check
 
 OUT = Path(__file__).parent / "out"
 MiB = 2**20
 SIZE = 224
 
 
-def _measure(name: str, batch: int, plan, budget: int) -> dict:
-    """One real step of `plan` in a fresh process, under the guard at `budget` tensor bytes (the
-    model as planned: `create_model`'s default head)."""
-    req = {"model": name, "num_classes": num_classes_of(create_model(name)), "input_shape": [3, SIZE, SIZE], "batch_size": batch,
+def check(name: str, batch: int, device: str, plan) -> dict:
+    """The plan's device prediction, and its real step on this host (`host_check`: a fresh process,
+    under the guard at the device's budget) beside this host's prediction of the same plan."""
+    model = create_model(name)  # as planned: `create_model`'s default head
+    host = estimate_plan(model, plan, plan.request, get_device("cpu")).predicted
+    budget = get_device(device).usable_memory_bytes
+    req = {"model": name, "num_classes": num_classes_of(model), "input_shape": [3, SIZE, SIZE], "batch_size": batch,
            "optimizer": plan.request.optimizer, "plan": plan.to_dict(), "budget": budget}  # fmt: skip
     t = time.perf_counter()
-    meas = measure_in_subprocess(req)
-    meas["seconds"] = time.perf_counter() - t
-    return meas
-
-
-def check(name: str, batch: int, device: str, plan) -> dict:
-    """The plan's device prediction, this host's prediction of the same plan, and the real step."""
-    host = estimate_plan(create_model(name), plan, plan.request, get_device("cpu")).predicted
-    budget = get_device(device).usable_memory_bytes
-    meas = _measure(name, batch, plan, budget)
-    pred = plan.predicted
+    h = host_check(req, host)
+    real, pred = h["host_measured_tensor_bytes"], plan.predicted
     return {
         "device_tensor": pred.peak_total_bytes, "device_level": pred.peak_device_bytes, "budget": budget,
-        "host_tensor": host.peak_total_bytes, "meas_tensor": meas["peak_total_bytes"],
-        "host_process": host.peak_process_bytes, "meas_rss": meas["peak_rss_bytes"],
-        "tensor_err": host.peak_total_bytes / meas["peak_total_bytes"] - 1,
-        "device_tensor_err": pred.peak_total_bytes / meas["peak_total_bytes"] - 1,
-        "process_err": host.peak_process_bytes / meas["peak_rss_bytes"] - 1, "step_s": meas["seconds"],
+        "host_tensor": h["host_predicted_tensor_bytes"], "meas_tensor": real,
+        "host_process": h["host_predicted_process_bytes"], "meas_rss": h["host_measured_process_bytes"],
+        "tensor_err": h["host_tensor_error"], "device_tensor_err": pred.peak_total_bytes / real - 1,
+        "process_err": h["host_process_error"], "step_s": time.perf_counter() - t,
     }  # fmt: skip
 
 
