@@ -78,7 +78,7 @@ def _process_overhead(profile: DeviceProfile | None) -> int:
 
 def predict_step(model: nn.Module, spec: StepSpec, profile: DeviceProfile | None, name: str = "model", unseen: int = 0):
     """(tracked report, tensor/device/process figures) of one steady-state step of a prepared model.
-    A step of many equal micro-batches is run as three of them (`fewer_micro_batches`)."""
+    A step of many equal micro-batches is run as two or three of them (`fewer_micro_batches`)."""
     run, held = fewer_micro_batches(spec)
     report = fake_step(model, run, name, held)
     return report, summarize(report, profile, unseen)
@@ -87,13 +87,15 @@ def predict_step(model: nn.Module, spec: StepSpec, profile: DeviceProfile | None
 def fewer_micro_batches(spec: StepSpec) -> tuple[StepSpec, int | None]:
     """The step to run for `spec`, and the batch its input must hold. From the second micro-batch
     on, each holds what the one before held (the gradients exist; the rest repeats) until the last,
-    which may differ (an optimizer step in backward): k > 3 equal micro-batches are run as three
-    (the first, one in the middle, the last) on 3/k of an input of the whole batch. The peak is the
-    same to the byte (tests/memory/test_predict.py); planning weighs up to 64 micro-batches."""
+    which differs only with an optimizer step in backward: k > 2 equal micro-batches are run as two
+    (the first, the last) on 2/k of an input of the whole batch, or with the step in backward as
+    three (one in the middle too). The peak is the same to the byte (tests/memory/test_predict.py);
+    planning weighs up to 64 micro-batches, and an exact check of a split runs a third less."""
     k, b = spec.settings.micro_batches, spec.batch_size
-    if k <= 3 or b % k:
+    n = 3 if spec.settings.step_in_backward else 2
+    if k <= n or b % k:
         return spec, None
-    run = dataclasses.replace(spec, batch_size=3 * b // k, settings=dataclasses.replace(spec.settings, micro_batches=3))
+    run = dataclasses.replace(spec, batch_size=n * b // k, settings=dataclasses.replace(spec.settings, micro_batches=n))
     return run, b
 
 
