@@ -294,30 +294,34 @@ class Planner:
     def modelled_peak(self, g: StepWide, chosen: dict[str, Option]) -> int:
         """The tensor peak of per-unit options `chosen` under `g` (what `solve` fits): the linear
         model's (everything saved is held at the end of forward); or, if higher, a unit's backward
-        with what it holds again (recompute) beside what the units before it hold; or the optimizer step's."""
-        base = self._base(g, chosen) - self._plain_saved(g)
+        with what it holds again (recompute) beside what the units before it hold; or the optimizer
+        step's. The weights an option changes (a layer made low-rank) are changed at every point, not
+        from that unit on."""
+        order = self._in_order(g, chosen)
+        base = self._base(g, chosen) - self._plain_saved(g) + sum(weights for _, weights, _ in order)
         held, peaks = 0, [self.optimizer_peak(g, chosen)]
-        for nbytes, transient in self._in_order(g, chosen):
-            held += nbytes
+        for saved, _, transient in order:
+            held += saved
             if transient:
                 peaks.append(base + held + transient)
         return max(base + held, *peaks)
 
-    def _in_order(self, g: StepWide, chosen: dict[str, Option]) -> list[tuple[int, int]]:
-        """(bytes held, bytes held again in its backward) per unit in forward order; a run left to the
-        units inside it holds its own rest first."""
+    def _in_order(self, g: StepWide, chosen: dict[str, Option]) -> list[tuple[int, int, int]]:
+        """(saved bytes, weights' bytes over plain's, bytes held again in its backward) per unit in
+        forward order; a run left to the units inside it holds its own rest first."""
         out = []
         for u in self.top:
             inside = self.inside.get(u.name, [])
             if chosen.get(u.name) is not None or not inside:
-                o = chosen.get(u.name)
-                out.append((self._bytes(o, u, g), self._transient(o, u, g)))
+                out.append(self._held(u, chosen.get(u.name), g))
             else:  # a run left to the units inside it
-                out.append((self._saved(None, u, g) - sum(self._saved(None, c, g) for c in inside), 0))
-                out += [
-                    (self._bytes(chosen.get(c.name), c, g), self._transient(chosen.get(c.name), c, g)) for c in inside
-                ]
+                out.append((self._saved(None, u, g) - sum(self._saved(None, c, g) for c in inside), 0, 0))
+                out += [self._held(c, chosen.get(c.name), g) for c in inside]
         return out
+
+    def _held(self, u: Unit, o: Option, g: StepWide) -> tuple[int, int, int]:
+        saved = self._saved(o, u, g)
+        return saved, self._bytes(o, u, g) - saved, self._transient(o, u, g)
 
     def _plain_act(self) -> int:
         """Plain's tensor peak in forward and backward (the optimizer step's is `optimizer_peak`'s) less

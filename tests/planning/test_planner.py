@@ -56,6 +56,22 @@ def test_the_modelled_peak_is_never_under_the_exact_step(optimizer):
     assert checked == 12  # optimizer state fp32/bf16/int8 x micro-batches 1/4 x stage plain/checkpointed
 
 
+@pytest.mark.parametrize("ratio", [0.0625, 0.25])
+def test_weights_made_low_rank_count_at_every_point_of_the_step(ratio):
+    """A checkpointed stage's recompute is a peak of its own; the classifier made U·V holds fewer
+    weights there too, though it comes after the stage (counted from its unit on, the model said
+    90 MiB for an exact 36 at 1/16)."""
+    model, profile = _TinyVGG(), get_device("cpu")
+    request = PlanRequest("tiny", (3, 32, 32), 64, "sgd", profile.name, 2**30, "speed", "architecture", 1)
+    plain = estimate_plan(model, Choices(), request, profile, 10)
+    planner = Planner(model, StepSpec((3, 32, 32), 64, 10, "sgd"), profile, "speed", plain, "architecture")
+    g = next(g for g in planner.settings() if not g.configs)
+    picked = {"features": as_config("checkpoint"), "classifier.1": as_config(f"tucker2:ratio={ratio}")}
+    chosen = {u.name: picked.get(u.name) for u in planner.top}
+    exact = estimate_plan(model, planner.to_choices(g, chosen), request, profile, 10).predicted.peak_total_bytes
+    assert exact * 0.995 <= planner.modelled_peak(g, chosen) <= exact * 1.3
+
+
 def test_a_higher_level_measures_only_the_options_the_lower_lacks(monkeypatch):
     """`Planner.at` (the one-line answer's search one level up) keeps what the lower level measured:
     its table equals one measured anew, and only the added (low-rank) options run a fake pass."""
