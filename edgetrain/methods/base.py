@@ -100,6 +100,11 @@ class MethodConfig:
         change any shape returns a cheaper twin."""
         return self
 
+    def from_scratch(self) -> MethodConfig:
+        """The config to apply to a model trained from scratch (no weights worth converting): the
+        same by default; a conversion of trained weights returns fresh, trainable ones."""
+        return self
+
 
 class MethodHandler:
     """How a method acts. Defaults: no module replaced, step unchanged."""

@@ -5,6 +5,7 @@ or fresh factors, and a report of how far the converted model is from the dense 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -15,6 +16,9 @@ from edgetrain.methods.base import MethodConfig
 from edgetrain.methods.lowrank_layers import FACTORIZED, CPConv2d, LowRankLinear, Tucker2Conv2d, dense_weight
 
 MIN_CHANNELS = 8  # per group: below this a factorization saves nothing worth its extra layers
+
+
+INITS = ("decompose", "random", "shapes")  # shapes: uninitialized factors, for fake steps only (`for_shapes`)
 
 
 @dataclass(frozen=True)
@@ -40,12 +44,18 @@ class RankRule(MethodConfig):
             raise ValueError(
                 f"budget must be in [0, 1) (a fraction of the model's parameters; 0: off), got {self.budget}"
             )
-        if self.init not in ("decompose", "random"):
+        if self.init not in INITS:
             raise ValueError(f"init must be decompose or random, got {self.init!r}")
 
     def for_shapes(self) -> RankRule:
-        """Fresh factors instead of a decomposition when the ranks do not read the weights: the
-        same shapes and bytes, without minutes of SVDs (vgg11_bn's 25088x4096 classifier)."""
+        """Factors left uninitialized instead of a decomposition when the ranks do not read the
+        weights: the same shapes and bytes, without minutes of SVDs (vgg11_bn's 25088x4096
+        classifier) nor a second of random fill (what a planner's fake step needs)."""
+        return self if self.energy and self.init == "decompose" else replace(self, init="shapes")
+
+    def from_scratch(self) -> RankRule:
+        """Fresh factors instead of a decomposition of random weights (which gives nothing, and
+        takes minutes on vgg11_bn's 25088x4096), when the ranks do not read the weights."""
         return replace(self, init="random") if self.init == "decompose" and not self.energy else self
 
 
@@ -106,7 +116,7 @@ def tucker2_conv(conv: nn.Conv2d, c: RankRule) -> Tucker2Conv2d:
     """Tucker-2 of a trained conv (HOSVD per group, `als` HOOI sweeps), or fresh factors."""
     g, w, k = conv.groups, conv.weight.detach(), conv.kernel_size[0] * conv.kernel_size[1]
     r_out, r_in = tucker2_ranks(conv, c)
-    new = Tucker2Conv2d(conv, r_out, r_in, c.refuse).to(w.device, w.dtype)
+    new = _new(lambda: Tucker2Conv2d(conv, r_out, r_in, c.refuse), c, w)
     if c.init == "decompose":
         parts = [_tucker2_group(wg, r_out // g, r_in // g, k == 1, c.als) for wg in _groups_of(w, g)]
         with torch.no_grad():
@@ -132,7 +142,7 @@ def _tucker2_group(w: torch.Tensor, r_out: int, r_in: int, one: bool, als: int):
 
 def lowrank_linear(linear: nn.Linear, c: RankRule) -> LowRankLinear:
     r = linear_rank(linear, c)
-    new = LowRankLinear(linear, r).to(linear.weight.device, linear.weight.dtype)
+    new = _new(lambda: LowRankLinear(linear, r), c, linear.weight)
     with torch.no_grad():
         if c.init == "decompose":
             us, vt = fz.svd2(linear.weight, r)
@@ -148,7 +158,7 @@ def cp_conv(conv: nn.Conv2d, c: RankRule) -> CPConv2d:
     """CP of a trained conv by ALS, per group, or fresh factors."""
     g, w = conv.groups, conv.weight.detach()
     rank = cp_rank(conv, c)
-    new = CPConv2d(conv, rank, c.refuse, c.recompute).to(w.device, w.dtype)
+    new = _new(lambda: CPConv2d(conv, rank, c.refuse, c.recompute), c, w)
     if c.init == "decompose":
         parts = [fz.cp_als(wg, rank // g, c.iters)[0] for wg in _groups_of(w, g)]
         with torch.no_grad():
@@ -161,6 +171,16 @@ def cp_conv(conv: nn.Conv2d, c: RankRule) -> CPConv2d:
             new.last.bias.copy_(conv.bias)
     new.conversion = {"rank": [rank], "weight_error": _weight_error(new, conv, c)}
     return _mark(new)
+
+
+def _new(build: Callable[[], nn.Module], c: RankRule, like: torch.Tensor) -> nn.Module:
+    """The factorized layer on `like`'s device and dtype, its weights filled at random only when they
+    are trained from there (`init=random`): a decomposition copies its own in, shapes need none."""
+    if c.init == "random":
+        return build().to(like.device, like.dtype)
+    with torch.device("meta"):
+        new = build()
+    return new.to_empty(device=like.device).to(like.dtype)
 
 
 def _weight_error(new: nn.Module, old: nn.Module, c: RankRule) -> float | None:

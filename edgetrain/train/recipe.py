@@ -209,7 +209,7 @@ class Recipe(Replanning):
     def _apply(self, plan: Plan) -> None:
         if self.cfg.init is None:  # from scratch: layers the planner factorized start from fresh factors
             c = plan.choices  # (decomposing random weights gives nothing, and takes minutes on vgg's 25088x4096)
-            layers = {n: k.for_shapes() if k.structural else k for n, k in c.layers.items()}
+            layers = {n: k.from_scratch() for n, k in c.layers.items()}
             plan = dataclasses.replace(plan, choices=Choices(c.methods, layers, c.shapes))
         self._settle(apply_plan_(self.model, plan))
 

@@ -342,3 +342,32 @@ def test_fresh_cp_factors_build_no_dense_weight_and_the_rebuild_stays_small():
     assert w.shape == (256, 256, 3, 3)
     assert tr.report().peak_bytes <= 10 * w.numel() * 4  # the weight and the Khatri-Rao product; O·I·kh·R is 100x
     assert torch.allclose(w, torch.einsum("or,ir,hr,wr->oihw", a, b, kh, kw), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("spec", ["tucker2:ratio=0.25", "cp:ratio=0.25,iters=1"])
+def test_shape_twins_fill_no_weight_and_fresh_factors_are_random(spec, monkeypatch):
+    """The planner's twins (`for_shapes`) have the conversion's shapes and no fill at all (a random
+    fill of vgg11_bn's U·V classifier took 0.4-1.2 s of each plan); factors for a run from scratch
+    (`from_scratch`) are filled at random, every one, as a fresh layer is."""
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 8 * 8, 64))
+    config = parse_spec(spec)
+    fills = []
+    real = nn.init.kaiming_uniform_
+
+    def counted(*a, **k):  # a fill of real memory (a layer built on the meta device fills nothing)
+        fills.extend([] if (a[0] if a else k["tensor"]).is_meta else [1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(nn.init, "kaiming_uniform_", counted)
+    shapes = {}
+    for kind, c in (("convert", config), ("twin", config.for_shapes()), ("fresh", config.from_scratch())):
+        m, fills[:] = copy.deepcopy(model), []
+        m = prepare(m, [c])[0]
+        shapes[kind] = [(n, p.shape) for n, p in m.named_parameters()]
+        if kind == "twin":
+            assert c.init == "shapes" and not fills
+        if kind == "fresh":
+            factors = [p for n, p in m.named_parameters() if n.endswith("weight") and p.dim() > 1]
+            assert c.init == "random" and fills and len(factors) > 2
+            assert all(p.std() > 0 and torch.isfinite(p).all() for p in factors)
+    assert shapes["twin"] == shapes["convert"] == shapes["fresh"]
