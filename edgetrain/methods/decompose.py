@@ -44,14 +44,18 @@ class RankRule(MethodConfig):
             raise ValueError(
                 f"budget must be in [0, 1) (a fraction of the model's parameters; 0: off), got {self.budget}"
             )
-        if self.init not in INITS:
+        if self.init not in INITS[:2]:  # "shapes" only through `for_shapes`: a run would train unfilled memory
             raise ValueError(f"init must be decompose or random, got {self.init!r}")
 
     def for_shapes(self) -> RankRule:
         """Factors left uninitialized instead of a decomposition when the ranks do not read the
         weights: the same shapes and bytes, without minutes of SVDs (vgg11_bn's 25088x4096
         classifier) nor a second of random fill (what a planner's fake step needs)."""
-        return self if self.energy and self.init == "decompose" else replace(self, init="shapes")
+        if self.energy and self.init == "decompose":
+            return self
+        twin = replace(self, init="random")
+        object.__setattr__(twin, "init", "shapes")  # past the check a user's spec meets
+        return twin
 
     def from_scratch(self) -> RankRule:
         """Fresh factors instead of a decomposition of random weights (which gives nothing, and

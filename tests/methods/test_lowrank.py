@@ -371,3 +371,5 @@ def test_shape_twins_fill_no_weight_and_fresh_factors_are_random(spec, monkeypat
             assert c.init == "random" and fills and len(factors) > 2
             assert all(p.std() > 0 and torch.isfinite(p).all() for p in factors)
     assert shapes["twin"] == shapes["convert"] == shapes["fresh"]
+    with pytest.raises(ConfigError, match="init must be decompose or random"):  # no run trains unfilled memory
+        parse_spec(f"{spec},init=shapes")
