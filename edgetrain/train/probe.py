@@ -26,7 +26,7 @@ def _main(req: dict[str, Any]) -> dict[str, Any]:
     framework = psutil.Process().memory_info().rss
     from edgetrain.core.step import StepSpec
     from edgetrain.memory.measure import tracked_step as step
-    from edgetrain.methods.base import prepare
+    from edgetrain.methods.base import as_config, prepare
     from edgetrain.models import create_model
 
     torch.manual_seed(0)
@@ -37,7 +37,8 @@ def _main(req: dict[str, Any]) -> dict[str, Any]:
 
         settings = apply_plan_(model, Plan.from_dict(req["plan"]))
     else:
-        model, _, settings = prepare(model, req.get("methods", []), shapes_only=True)  # a fresh model
+        fresh = [as_config(m).from_scratch() for m in req.get("methods", [])]  # a fresh model: fresh factors,
+        model, _, settings = prepare(model, fresh)  # filled, so the real step reads and writes what a run does
     spec = StepSpec(tuple(req["input_shape"]), req["batch_size"], req["num_classes"], req["optimizer"], settings)
     if cuda:
         model = model.cuda()
