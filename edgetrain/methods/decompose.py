@@ -18,7 +18,7 @@ from edgetrain.methods.lowrank_layers import FACTORIZED, CPConv2d, LowRankLinear
 MIN_CHANNELS = 8  # per group: below this a factorization saves nothing worth its extra layers
 
 
-INITS = ("decompose", "random", "shapes")  # shapes: uninitialized factors, for fake steps only (`for_shapes`)
+INITS = ("decompose", "random")  # what a spec may ask; "shapes" (unfilled factors) is `for_shapes`' alone
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,8 @@ class RankRule(MethodConfig):
             raise ValueError(
                 f"budget must be in [0, 1) (a fraction of the model's parameters; 0: off), got {self.budget}"
             )
-        if self.init not in INITS[:2]:  # "shapes" only through `for_shapes`: a run would train unfilled memory
-            raise ValueError(f"init must be decompose or random, got {self.init!r}")
+        if self.init not in INITS:  # a run would train unfilled memory
+            raise ValueError(f"init must be {' or '.join(INITS)}, got {self.init!r}")
 
     def for_shapes(self) -> RankRule:
         """Factors left uninitialized instead of a decomposition when the ranks do not read the
